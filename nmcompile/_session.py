@@ -1,0 +1,135 @@
+"""``Session``: what a method handler works through during one ``compile`` run.
+
+It owns the masked GraphModule, the sites, the trainer and the FLOP model, and gives methods a
+small vocabulary: read weights and masks, write masks in place, train (FLOPs charged per step from
+the current mask densities), evaluate, and close a round into ``history``. Methods score and
+schedule; the session does the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ._flops import FlopModel
+from ._pattern import NMPattern
+from ._trainer import OnStep, StepInfo, Trainer
+from .passes import PrunableSite
+
+__all__ = ["Session"]
+
+
+class Session:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        sites: list[PrunableSite],
+        *,
+        pattern: NMPattern | None,
+        trainer: Trainer | None,
+        flops: FlopModel,
+        fallback_batch: int,
+    ) -> None:
+        self.gm = gm
+        self.sites = sites
+        self.pattern = pattern
+        self.trainer = trainer
+        self.flops = flops
+        self.history: list[dict[str, Any]] = []
+        self.train_flops = 0.0
+        self.iterations = 0
+        self._fallback_batch = fallback_batch
+        self._t0 = time.perf_counter()
+        self._warned_no_trainer = False
+
+    # -- weights and masks -------------------------------------------------------------------
+    def weight(self, site: PrunableSite) -> torch.nn.Parameter:
+        return self.gm.get_parameter(site.param)
+
+    def mask(self, site: PrunableSite) -> torch.Tensor:
+        """The live bool mask buffer of ``site`` (write it with :meth:`set_mask`)."""
+        return self.gm.get_buffer(site.mask_target)
+
+    def set_mask(self, site: PrunableSite, mask: torch.Tensor) -> None:
+        buf = self.mask(site)
+        if mask.shape != buf.shape:
+            raise ValueError(
+                f"mask for {site.param} has shape {tuple(mask.shape)}, weight is {tuple(buf.shape)}"
+            )
+        buf.copy_(mask.to(device=buf.device, dtype=torch.bool))
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """A detached copy of every mask, keyed by parameter fqn."""
+        return {s.param: self.mask(s).detach().clone() for s in self.sites}
+
+    def densities(self) -> dict[str, float]:
+        return {s.param: float(self.mask(s).sum()) / s.numel for s in self.sites}
+
+    def sparsity(self) -> float:
+        """Pruned fraction over all sites' weights."""
+        total = sum(s.numel for s in self.sites)
+        kept = sum(int(self.mask(s).sum()) for s in self.sites)
+        return 1.0 - kept / total if total else 0.0
+
+    # -- training ------------------------------------------------------------------------------
+    def train(
+        self, iterations: int, on_step: OnStep | None = None, *, dense_weight_grad: bool = False
+    ) -> int:
+        """Train for ``iterations`` steps through the trainer; returns the steps taken.
+
+        FLOPs are charged per reported step at the current mask densities. Without a trainer the
+        call is skipped with a warning (one-shot methods still run).
+        """
+        if iterations <= 0:
+            return 0
+        if self.trainer is None:
+            if not self._warned_no_trainer:
+                warnings.warn(
+                    f"no trainer given: skipping {iterations} training iterations (pass "
+                    "trainer=nmcompile.SupervisedTrainer(train_loader, val_loader) to train)",
+                    stacklevel=3,
+                )
+                self._warned_no_trainer = True
+            return 0
+        per_sample = self.flops.train_step(self.densities(), dense_weight_grad=dense_weight_grad)
+        steps = 0
+
+        def hook(info: StepInfo) -> bool | None:
+            nonlocal steps
+            steps += 1
+            self.train_flops += per_sample * info.batch_size
+            return on_step(info) if on_step is not None else None
+
+        self.trainer.train(self.gm, iterations, hook)
+        if steps == 0:
+            # A user trainer that never calls on_step: charge the requested iterations at the
+            # example batch size rather than report zero cost.
+            steps = iterations
+            self.train_flops += per_sample * self._fallback_batch * iterations
+        self.iterations += steps
+        return steps
+
+    def evaluate(self) -> float | None:
+        return None if self.trainer is None else self.trainer.evaluate(self.gm)
+
+    def end_round(self, **extra: Any) -> dict[str, Any]:
+        """Append one record to ``history``: round, sparsity, accuracy, cumulative train FLOPs."""
+        record: dict[str, Any] = {
+            "round": len(self.history),
+            "sparsity": self.sparsity(),
+            "accuracy": self.evaluate(),
+            "train_flops": self.train_flops,
+            "iterations": self.iterations,
+            "wall_s": time.perf_counter() - self._t0,
+        }
+        record.update(extra)
+        self.history.append(record)
+        return record
+
+    def site_by_param(self) -> Mapping[str, PrunableSite]:
+        return {s.param: s for s in self.sites}

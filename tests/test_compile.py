@@ -1,0 +1,319 @@
+"""The public API: compile(), methods, configs, history, FLOPs, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import nmcompile
+from nmcompile import (
+    ConfigError,
+    FlopModel,
+    InputError,
+    NMPattern,
+    SupervisedTrainer,
+    UnknownMethodError,
+    UnknownOptionError,
+    data,
+    zoo,
+)
+from nmcompile.passes import check_nm, find_sites, trace
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16),
+        nn.ReLU(),
+        nn.Linear(16, 32),
+        nn.ReLU(),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+
+
+X = torch.randn(4, 8)
+
+
+def test_methods_registry():
+    names = nmcompile.methods()
+    assert {"asp", "omp", "random"} <= set(names)
+    assert names == sorted(names)
+
+
+def test_unknown_method_lists_the_registered_ones():
+    with pytest.raises(
+        UnknownMethodError, match=r"unknown method 'aspx'; registered methods: \[.*'asp'"
+    ):
+        nmcompile.compile(_mlp(), "aspx", example_inputs=(X,))
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(UnknownOptionError) as exc:
+        nmcompile.compile(_mlp(), "asp", example_inputs=(X,), finetune_iters=3)
+    msg = str(exc.value)
+    assert "finetune_iters" in msg and "finetune_iterations" in msg and "exclude" in msg
+    assert isinstance(exc.value, TypeError)
+
+
+@pytest.mark.parametrize("bad", ["4:2", "0:4", "2:3x"])
+def test_invalid_pattern(bad):
+    with pytest.raises(ValueError, match="valid pattern is 'n:m'"):
+        nmcompile.compile(_mlp(), "asp", bad, example_inputs=(X,))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("finetune_iterations", -1, r"ASPConfig.finetune_iterations must be >= 0, got -1"),
+        ("finetune_iterations", 2.5, r"ASPConfig.finetune_iterations must be an int, got 2.5"),
+        ("seed", -3, r"ASPConfig.seed must be >= 0"),
+    ],
+)
+def test_option_out_of_range_names_the_field(option, value, message):
+    with pytest.raises(ConfigError, match=message):
+        nmcompile.compile(_mlp(), "asp", example_inputs=(X,), **{option: value})
+
+
+def test_omp_target_sparsity_range():
+    with pytest.raises(
+        ConfigError, match=r"OMPConfig.target_sparsity must be in \[0.0, 1.0\), got 1.5"
+    ):
+        nmcompile.compile(_mlp(), "omp", example_inputs=(X,), target_sparsity=1.5)
+
+
+@pytest.mark.parametrize("name", nmcompile.methods())
+def test_every_config_round_trips_through_json(name):
+    cls = nmcompile.get_method(name).config_cls
+    cfg = cls()
+    text = json.dumps(cfg.to_json())
+    assert cls.from_json(text) == cfg
+    # a non-default value survives too
+    field = next(f for f in dataclasses.fields(cls) if f.name != "seed")
+    changed = dataclasses.replace(
+        cfg,
+        **{field.name: field.default + 1 if isinstance(field.default, int) else field.default / 2},
+    )
+    assert cls.from_json(json.loads(json.dumps(changed.to_json()))) == changed
+
+
+def test_example_inputs_errors():
+    with pytest.raises(InputError, match="needs example_inputs"):
+        nmcompile.compile(_mlp(), "asp")
+    with pytest.raises(InputError, match=r"layer `0` \(Linear, in_features=8\)"):
+        nmcompile.compile(_mlp(), "asp", example_inputs=(torch.randn(4, 9),))
+    with pytest.raises(InputError, match="tuple of inputs"):
+        nmcompile.compile(_mlp(), "asp", example_inputs={"x": X})
+
+
+def test_no_prunable_layer_is_explained():
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.raises(ConfigError, match=r"no prunable layer.*stem layer.*classifier"):
+        nmcompile.compile(net, "asp", example_inputs=(X,))
+
+
+def test_asp_without_trainer_is_exact_nm_and_leaves_the_input_alone():
+    net = _mlp()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="no trainer given"):
+        r = nmcompile.compile(net, "asp", "2:4", example_inputs=(X,), debug=True)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is untouched
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert sorted(r.masks) == ["2.weight", "4.weight"]
+    for name, mask in r.masks.items():
+        assert mask.dtype == torch.bool and mask.shape == net.get_parameter(name).shape
+        w = r.module.get_parameter(name)
+        assert bool((w[~mask] == 0).all())
+        # the mask keeps the 2 largest |w| of each group of 4 input features
+        assert torch.equal(mask, NMPattern(2, 4).mask(net.get_parameter(name).abs()))
+    assert check_nm(r.masked, NMPattern(2, 4), strict=True).ok
+    assert check_nm(r.module, NMPattern(2, 4)).ok
+    assert r.sparsity == pytest.approx(0.5)
+    assert [h["round"] for h in r.history] == [0]
+    assert {"round", "sparsity", "accuracy", "train_flops"} <= set(r.history[0])
+    assert r.history[0]["train_flops"] == 0.0
+    # the masked module is still trainable with the masks enforced
+    r.masked.train()
+    r.masked(X).sum().backward()
+    g = r.masked.get_parameter("2.weight").grad
+    assert bool((g[~r.masks["2.weight"]] == 0).all())
+    assert "| 2 | linear | 32x16 | 0.5 | yes |" in r.report()
+
+
+def test_asp_resnet18_2_4_invariant():
+    m = torchvision.models.resnet18(num_classes=10)
+    r = nmcompile.compile(
+        m, "asp", "2:4", example_inputs=(torch.randn(1, 3, 32, 32),), finetune_iterations=0
+    )
+    assert len(r.masks) == 19  # 20 convs minus the stem; the classifier excluded
+    report = check_nm(r.masked, NMPattern(2, 4), strict=True)
+    assert report.ok and len(report.entries) == 19
+    assert check_nm(r.module, NMPattern(2, 4)).ok
+    x = torch.randn(2, 3, 32, 32)
+    r.module.eval()
+    r.masked.eval()
+    assert torch.allclose(r.module(x), r.masked(x), atol=1e-5)
+
+
+def test_asp_vit_b_16_1_4_invariant():
+    m = torchvision.models.vit_b_16(num_classes=10, image_size=32)
+    r = nmcompile.compile(
+        m, "asp", "1:4", example_inputs=(torch.randn(1, 3, 32, 32),), finetune_iterations=0
+    )
+    # the 24 MLP linears of the 12 encoder blocks (attention projections sit inside
+    # nn.MultiheadAttention, a leaf for torch.fx)
+    assert len(r.masks) == 24
+    assert all(k.startswith("encoder.layers.") and ".mlp." in k for k in r.masks)
+    assert check_nm(r.masked, NMPattern(1, 4), strict=True).ok
+    assert r.sparsity == pytest.approx(0.75)
+
+
+def test_omp_prunes_exactly_the_global_budget():
+    net = _mlp()
+    r = nmcompile.compile(
+        net,
+        "omp",
+        example_inputs=(X,),
+        target_sparsity=0.7,
+        prune_stem=True,
+        prune_classifier=True,
+        finetune_iterations=0,
+    )
+    assert r.pattern is None
+    total = sum(m.numel() for m in r.masks.values())
+    pruned = sum(int((~m).sum()) for m in r.masks.values())
+    assert pruned == round(0.7 * total)
+    # global: the threshold is shared, every kept |w| >= every pruned |w|
+    kept = torch.cat([net.get_parameter(k).abs()[m] for k, m in r.masks.items()])
+    gone = torch.cat([net.get_parameter(k).abs()[~m] for k, m in r.masks.items()])
+    assert kept.min() >= gone.max()
+    densities = [float(m.float().mean()) for m in r.masks.values()]
+    assert max(densities) - min(densities) > 0.05  # layers differ: not a per-layer budget
+
+
+def test_random_is_seeded():
+    a = nmcompile.compile(_mlp(), "random", example_inputs=(X,), seed=1, finetune_iterations=0)
+    b = nmcompile.compile(_mlp(), "random", example_inputs=(X,), seed=1, finetune_iterations=0)
+    c = nmcompile.compile(_mlp(), "random", example_inputs=(X,), seed=2, finetune_iterations=0)
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+    assert any(not torch.equal(a.masks[k], c.masks[k]) for k in a.masks)
+    assert check_nm(a.masked, NMPattern(2, 4), strict=True).ok
+
+
+def test_flop_model_counts_by_hand():
+    net = _mlp()
+    gm = trace(net).graph_module
+    find_sites(gm, NMPattern(2, 4))
+    fm = FlopModel.build(gm, (torch.randn(5, 8),))
+    # per sample: 2 * (8*16 + 16*32 + 32*16 + 16*3)
+    assert fm.dense == pytest.approx(2 * (8 * 16 + 16 * 32 + 32 * 16 + 16 * 3))
+    assert fm.sites == {"2.weight": 2 * 16 * 32, "4.weight": 2 * 32 * 16}
+    half = {"2.weight": 0.5, "4.weight": 0.5}
+    assert fm.forward(half) == pytest.approx(fm.dense - 0.5 * (2 * 16 * 32 + 2 * 32 * 16))
+    assert fm.train_step(half) == pytest.approx(3 * fm.forward(half))
+    assert fm.train_step(half, dense_weight_grad=True) == pytest.approx(
+        2 * fm.forward(half) + fm.dense
+    )
+
+
+def test_flop_model_conv_matches_torch_counter():
+    m = zoo.create("resnet20", num_classes=10)
+    gm = trace(m).graph_module
+    find_sites(gm, NMPattern(2, 4))
+    fm = FlopModel.build(gm, (torch.randn(2, 3, 32, 32),))
+    # resnet20 on 32x32 is about 41 MMACs = 82 MFLOPs per image
+    assert 75e6 < fm.dense < 90e6
+    assert sum(fm.sites.values()) < fm.dense  # stem and classifier are not sites
+
+
+def test_asp_with_trainer_on_digits_trains_and_counts_flops():
+    ds = data.load("digits", batch_size=64, seed=0)
+    model = zoo.create("cnn", num_classes=10, in_channels=1, image_size=8)
+    trainer = SupervisedTrainer(ds.train, ds.val, lr=0.05, progress=False)
+    samples = []
+    orig_train = trainer.train
+
+    def counting_train(model, iterations, on_step=None):
+        def hook(info):
+            samples.append(info.batch_size)
+            return on_step(info) if on_step else None
+
+        return orig_train(model, iterations, hook)
+
+    trainer.train = counting_train  # type: ignore[method-assign]
+    r = nmcompile.compile(
+        model,
+        "asp",
+        "2:4",
+        example_inputs=(ds.example_input(2),),
+        trainer=trainer,
+        pretrain_iterations=200,
+        finetune_iterations=100,
+    )
+    assert [h["phase"] for h in r.history] == ["dense", "pruned"]
+    dense, pruned = r.history
+    assert dense["sparsity"] == 0.0 and pruned["sparsity"] == pytest.approx(0.5)
+    assert pruned["accuracy"] > 0.8  # a real training run on real data
+    assert len(samples) == 300
+    fm = r.flops
+    expected_dense = sum(samples[:200]) * 3 * fm.dense
+    assert dense["train_flops"] == pytest.approx(expected_dense)
+    densities = {k: 0.5 for k in fm.sites}
+    expected = expected_dense + sum(samples[200:]) * fm.train_step(densities)
+    assert pruned["train_flops"] == pytest.approx(expected)
+    assert pruned["iterations"] == 300
+
+
+class _NoHookTrainer:
+    """A user trainer that never calls on_step: FLOPs fall back to iterations x example batch."""
+
+    def __init__(self):
+        self.calls = []
+
+    def train(self, model, iterations, on_step=None):
+        self.calls.append(iterations)
+
+    def evaluate(self, model):
+        return 0.5
+
+
+def test_user_trainer_protocol():
+    t = _NoHookTrainer()
+    assert isinstance(t, nmcompile.Trainer)
+    r = nmcompile.compile(_mlp(), "asp", example_inputs=(X,), trainer=t, finetune_iterations=7)
+    assert t.calls == [7]
+    assert r.history[-1]["accuracy"] == 0.5
+    assert r.history[-1]["train_flops"] == pytest.approx(
+        7 * X.shape[0] * r.flops.train_step({k: 0.5 for k in r.flops.sites})
+    )
+    with pytest.raises(ConfigError, match="trainer must implement"):
+        nmcompile.compile(_mlp(), "asp", example_inputs=(X,), trainer=object())
+
+
+def test_trainer_validation_and_empty_loader():
+    with pytest.raises(ConfigError, match="milestones"):
+        SupervisedTrainer([], milestones=(1.5,))
+    with pytest.raises(ConfigError, match="momentum"):
+        SupervisedTrainer([], momentum=1.0)
+    t = SupervisedTrainer([], progress=False)
+    with pytest.raises(InputError, match="train_loader yielded no batches"):
+        t.train(_mlp(), 3)
+
+
+def test_trainer_milestones_and_early_stop():
+    xb = torch.randn(16, 8)
+    yb = torch.randint(0, 3, (16,))
+    t = SupervisedTrainer([(xb, yb)], lr=0.1, milestones=(0.5, 8), progress=False)
+    lrs = []
+    t.train(_mlp(), 10, lambda info: lrs.append(info.lr))
+    assert lrs == pytest.approx([0.1] * 5 + [0.01] * 3 + [0.001] * 2)
+    steps = []
+    t.train(_mlp(), 10, lambda info: steps.append(info.iteration) or info.iteration == 4)
+    assert steps == [1, 2, 3, 4]
