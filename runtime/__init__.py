@@ -1,0 +1,38 @@
+"""Runtime backends (installed as ``nmcompile.runtime``): ONNX export and N:M checking, ONNX
+Runtime sessions, the latency harness.
+
+Names resolve lazily so ``import nmcompile.runtime`` does not import onnx or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "export_onnx": ".onnx_export",
+    "ExportResult": ".onnx_export",
+    "check_onnx": ".onnx_check",
+    "OnnxNMReport": ".onnx_check",
+    "OnnxNMEntry": ".onnx_check",
+    "ort_session": ".ort",
+    "available_providers": ".ort",
+    "LatencyStats": ".latency",
+    "time_interleaved": ".latency",
+    "ort_latency": ".latency",
+    "speedup": ".latency",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nmcompile.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
