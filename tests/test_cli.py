@@ -1,0 +1,139 @@
+"""The nmcompile command: run (the main job) on digits, check, methods, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from nmcompile.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_default_main_job(tmp_path):
+    """`nmcompile run` with no arguments: digits, small CNN, asp 2:4, the whole pipeline."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nmcompile.cli"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "nmcompile-run"
+    for name in (
+        "report.md",
+        "layers.csv",
+        "summary.json",
+        "model.onnx",
+        "dense.onnx",
+        "sparsity.png",
+        "latency.png",
+    ):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "asp" and summary["pattern"] == "2:4"
+    assert summary["dense_accuracy"] > 0.9 and summary["accuracy"] > 0.9
+    assert summary["sparsity"] == pytest.approx(0.5)
+    assert summary["latency"]["dense"]["runs"] == 100
+    assert summary["onnx"]["max_rel_error"] < 1e-3
+    report = (out / "report.md").read_text()
+    assert "all 3 pruned weights satisfy 2:4 in the file" in report
+    assert "## Latency" in report and "| features.3 | conv | 64x32x3x3 | 0.5 | yes |" in report
+    assert (out / "sparsity.png").read_bytes().startswith(PNG_MAGIC)
+    rows = list(csv.DictReader((out / "layers.csv").open()))
+    assert [r["layer"] for r in rows] == ["features.3", "features.7", "classifier.0"]
+
+
+def test_run_options_and_unstructured_method(tmp_path, capsys):
+    rc = main(
+        [
+            "run",
+            "--method",
+            "omp",
+            "--option",
+            "target_sparsity=0.8",
+            "--out",
+            str(tmp_path / "o"),
+            "--pretrain-iterations",
+            "60",
+            "--finetune-iterations",
+            "30",
+            "--no-latency",
+        ]
+    )
+    assert rc == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["pattern"] == "unstructured"
+    assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert summary["latency"] is None and summary["onnx"]["nm_check"] is None
+    assert "omp" in capsys.readouterr().out
+
+
+def test_run_errors_are_clear(tmp_path, capsys):
+    assert main(["run", "--method", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["run", "--pattern", "4:2", "--out", str(tmp_path / "x")]) == 2
+    assert "valid pattern" in capsys.readouterr().err
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    assert main(["run", "--out", str(blocker / "sub")]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "run",
+                "--option",
+                "bogus=1",
+                "--out",
+                str(tmp_path / "y"),
+                "--pretrain-iterations",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert "unknown option ['bogus']" in capsys.readouterr().err
+
+
+def _gemm_model(path, weight):
+    b = numpy_helper.from_array(weight, "W")
+    node = helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, weight.shape[1]])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, weight.shape[0]])],
+        [b],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def test_check_command(tmp_path, capsys):
+    w = torch.randn(4, 8)
+    good = (w * (torch.arange(8) % 4 < 2)).numpy()
+    _gemm_model(tmp_path / "good.onnx", good)
+    _gemm_model(tmp_path / "bad.onnx", w.numpy())
+    assert main(["check", str(tmp_path / "good.onnx"), "--pattern", "2:4"]) == 0
+    assert "1/1 weights satisfy 2:4" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "bad.onnx"), "--pattern", "2:4"]) == 1
+    assert "violates" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "good.onnx"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["entries"][0]["status"] == "ok"
+    (tmp_path / "notes.txt").write_text("hello, not a model")
+    assert main(["check", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+
+
+def test_methods_command(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "asp" in out and "omp" in out and "unstructured" in out
