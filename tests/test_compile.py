@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -122,7 +123,8 @@ def test_asp_without_trainer_is_exact_nm_and_leaves_the_input_alone():
     net = _mlp()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.get_rng_state()
-    with pytest.warns(UserWarning, match="no trainer given"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one-shot without a trainer: nothing to warn about
         r = nmcompile.compile(net, "asp", "2:4", example_inputs=(X,), debug=True)
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is untouched
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
@@ -282,6 +284,33 @@ class _NoHookTrainer:
 
     def evaluate(self, model):
         return 0.5
+
+
+def test_untraceable_model_error_from_compile():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(x) if x.mean() > 0 else x
+
+    net = nn.Sequential(nn.Linear(8, 8), Gate(), nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(nmcompile.TraceError, match=r"`1` \(Gate\).*leaf_modules=\['1'\]"):
+        nmcompile.compile(net, "asp", example_inputs=(X,))
+    r = nmcompile.compile(net, "asp", example_inputs=(X,), leaf_modules=["1"])
+    assert list(r.masks) == ["2.weight"]  # the leaf's own linear stays dense
+
+
+def test_session_warns_when_a_method_needs_training_without_trainer():
+    from nmcompile._session import Session
+
+    gm = trace(_mlp()).graph_module
+    find_sites(gm, NMPattern(2, 4))
+    fm = FlopModel.build(gm, (X,))
+    s = Session(gm, [], pattern=NMPattern(2, 4), trainer=None, flops=fm, fallback_batch=4)
+    with pytest.warns(UserWarning, match="no trainer given: skipping 5 training iterations"):
+        assert s.train(5) == 0
 
 
 def test_user_trainer_protocol():

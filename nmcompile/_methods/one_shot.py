@@ -61,12 +61,16 @@ class RandomConfig(_OneShotConfig):
 
 
 def _one_shot(session: Session, config: _OneShotConfig, prune) -> None:
-    if config.pretrain_iterations:
+    # Without a trainer a one-shot method is just the pruning step (e.g. on a pretrained model):
+    # the training phases are skipped silently, not warned about.
+    train = session.trainer is not None
+    if train and config.pretrain_iterations:
         session.train(config.pretrain_iterations)
         session.end_round(phase="dense")
     with torch.no_grad():
         prune()
-    session.train(config.finetune_iterations)
+    if train:
+        session.train(config.finetune_iterations)
     session.end_round(phase="pruned")
 
 
