@@ -46,6 +46,10 @@ class Session:
         self._fallback_batch = fallback_batch
         self._t0 = time.perf_counter()
         self._warned_no_trainer = False
+        # Per-site mask density, kept current by set_mask, so per-step FLOPs follow masks that
+        # change during training (prune-grow, learned masks) without re-reading every mask.
+        self._density = {s.param: float(self.mask(s).sum()) / s.numel for s in sites}
+        self._mask_version = 0
 
     # -- weights and masks -------------------------------------------------------------------
     def weight(self, site: PrunableSite) -> torch.nn.Parameter:
@@ -62,18 +66,21 @@ class Session:
                 f"mask for {site.param} has shape {tuple(mask.shape)}, weight is {tuple(buf.shape)}"
             )
         buf.copy_(mask.to(device=buf.device, dtype=torch.bool))
+        self._density[site.param] = float(buf.sum()) / site.numel
+        self._mask_version += 1
 
     def masks(self) -> dict[str, torch.Tensor]:
         """A detached copy of every mask, keyed by parameter fqn."""
         return {s.param: self.mask(s).detach().clone() for s in self.sites}
 
     def densities(self) -> dict[str, float]:
-        return {s.param: float(self.mask(s).sum()) / s.numel for s in self.sites}
+        """Kept fraction of each site's mask (as last written through :meth:`set_mask`)."""
+        return dict(self._density)
 
     def sparsity(self) -> float:
         """Pruned fraction over all sites' weights."""
         total = sum(s.numel for s in self.sites)
-        kept = sum(int(self.mask(s).sum()) for s in self.sites)
+        kept = sum(self._density[s.param] * s.numel for s in self.sites)
         return 1.0 - kept / total if total else 0.0
 
     # -- training ------------------------------------------------------------------------------
@@ -82,8 +89,9 @@ class Session:
     ) -> int:
         """Train for ``iterations`` steps through the trainer; returns the steps taken.
 
-        FLOPs are charged per reported step at the current mask densities. Without a trainer the
-        call is skipped with a warning (one-shot methods still run).
+        FLOPs are charged per reported step at the mask densities of that step (a method that
+        rewrites masks from ``on_step`` is charged at the new densities from the next step on).
+        Without a trainer the call is skipped with a warning.
         """
         if iterations <= 0:
             return 0
@@ -96,11 +104,19 @@ class Session:
                 )
                 self._warned_no_trainer = True
             return 0
-        per_sample = self.flops.train_step(self.densities(), dense_weight_grad=dense_weight_grad)
+
+        def cost() -> float:
+            return self.flops.train_step(self._density, dense_weight_grad=dense_weight_grad)
+
+        per_sample = cost()
+        seen = self._mask_version
         steps = 0
 
         def hook(info: StepInfo) -> bool | None:
-            nonlocal steps
+            nonlocal steps, per_sample, seen
+            if self._mask_version != seen:
+                seen = self._mask_version
+                per_sample = cost()
             steps += 1
             self.train_flops += per_sample * info.batch_size
             return on_step(info) if on_step is not None else None

@@ -313,6 +313,46 @@ def test_session_warns_when_a_method_needs_training_without_trainer():
         assert s.train(5) == 0
 
 
+class _StepTrainer:
+    """Reports every step with a fixed batch size."""
+
+    def train(self, model, iterations, on_step=None):
+        for i in range(iterations):
+            if on_step is not None and on_step(nmcompile.StepInfo(i + 1, 10, torch.zeros(()), 0.1)):
+                break
+
+    def evaluate(self, model):
+        return None
+
+
+def test_flops_follow_masks_rewritten_during_training():
+    from nmcompile._session import Session
+
+    gm = trace(_mlp()).graph_module
+    find_sites(gm, NMPattern(2, 4))
+    fm = FlopModel.build(gm, (X,))
+    from nmcompile.passes import get_sites, insert_masks
+
+    insert_masks(gm)
+    sites = get_sites(gm)
+    s = Session(
+        gm, sites, pattern=NMPattern(2, 4), trainer=_StepTrainer(), flops=fm, fallback_batch=4
+    )
+    half = {site.param: 0.5 for site in sites}
+
+    def prune_at_step_2(info):
+        if info.iteration == 2:
+            for site in sites:
+                s.set_mask(site, NMPattern(2, 4).mask(s.weight(site).detach().abs()))
+        return info.iteration == 4  # stop early after 4 steps
+
+    assert s.train(10, prune_at_step_2) == 4
+    # steps 1 and 2 ran dense; the mask written at step 2 is charged from step 3 on
+    expected = 2 * 10 * fm.train_step() + 2 * 10 * fm.train_step(half)
+    assert s.train_flops == pytest.approx(expected)
+    assert s.densities() == pytest.approx(half) and s.sparsity() == pytest.approx(0.5)
+
+
 def test_user_trainer_protocol():
     t = _NoHookTrainer()
     assert isinstance(t, nmcompile.Trainer)
