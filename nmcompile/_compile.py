@@ -105,6 +105,7 @@ class CompileResult:
     flops: FlopModel
     example_inputs: tuple[Any, ...] = field(repr=False)
     model_name: str = "model"
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -294,4 +295,5 @@ def compile(
         flops=flops,
         example_inputs=inputs,
         model_name=type(model).__name__,
+        diagnostics=session.diagnostics,
     )

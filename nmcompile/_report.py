@@ -119,6 +119,7 @@ def render_markdown(result: CompileResult, *, level: int = 1) -> str:
             ],
         )
     )
+    out += _diagnostics(result.diagnostics, h2)
     if result.excluded:
         out += ["", f"{h2} Layers kept dense", ""]
         out.append(
@@ -128,6 +129,52 @@ def render_markdown(result: CompileResult, *, level: int = 1) -> str:
             )
         )
     return "\n".join(out) + "\n"
+
+
+def _diagnostics(diag: dict[str, Any], h2: str) -> list[str]:
+    out: list[str] = []
+    matrix = diag.get("mask_hamming")
+    if matrix:
+        n = len(matrix)
+        out += [
+            "",
+            f"{h2} Mask Hamming distance between pruning steps",
+            "",
+            "Fraction of all pruned-layer weights whose mask differs between the masks of two "
+            "pruning steps (the mIMP paper's Figure 3).",
+            "",
+        ]
+        if n <= 20:
+            out.append(
+                md_table(
+                    ["step", *[str(j + 1) for j in range(n)]],
+                    [[i + 1, *[f"{v:.3f}" for v in row]] for i, row in enumerate(matrix)],
+                )
+            )
+        else:
+            consecutive = [matrix[i][i + 1] for i in range(n - 1)]
+            out.append(
+                f"{n} steps; first vs last {matrix[0][-1]:.3f}; consecutive steps "
+                f"{min(consecutive):.3f}-{max(consecutive):.3f}."
+            )
+    rates = diag.get("plp_misprediction")
+    if rates:
+        out += [
+            "",
+            f"{h2} PLP misprediction",
+            "",
+            f"Per pruning step, the fraction of the weights proactive local pruning would have "
+            f"removed (alpha = {diag.get('plp_alpha')}) that mIMP kept to the end (the mIMP "
+            "paper's Figure 4).",
+            "",
+        ]
+        out.append(
+            md_table(
+                ["step", "misprediction"],
+                [[i + 1, "-" if r is None else f"{100 * r:.2f}%"] for i, r in enumerate(rates)],
+            )
+        )
+    return out
 
 
 def plot_bars(
@@ -140,11 +187,7 @@ def plot_bars(
     horizontal: bool | None = None,
 ) -> Path:
     """A grouped bar chart saved as PNG (one group per label, one bar per series)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = _figure()
     n = len(labels)
     horizontal = n > 12 if horizontal is None else horizontal
     k = max(len(series), 1)
@@ -168,6 +211,19 @@ def plot_bars(
     if len(series) > 1:
         ax.legend()
     fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, plt, path: str | Path) -> Path:
     from ._io import atomic_path
 
     try:
@@ -176,3 +232,50 @@ def plot_bars(
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def plot_lines(
+    path: str | Path,
+    x: Sequence[float],
+    series: dict[str, Sequence[float]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+) -> Path:
+    """Line chart, one line per series, saved as PNG."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in series.items():
+        ax.plot(list(x), list(values), marker="o", markersize=3, label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_heatmap(
+    path: str | Path, matrix: Sequence[Sequence[float]], *, title: str, label: str
+) -> Path:
+    """A square matrix as a heatmap with a colour bar, saved as PNG."""
+    plt = _figure()
+    n = len(matrix)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(matrix, cmap="viridis", origin="upper", extent=(0.5, n + 0.5, n + 0.5, 0.5))
+    fig.colorbar(im, ax=ax, label="fraction of weights")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(label)
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)

@@ -41,6 +41,7 @@ class Session:
         self.trainer = trainer
         self.flops = flops
         self.history: list[dict[str, Any]] = []
+        self.diagnostics: dict[str, Any] = {}  # method-specific run-level results
         self.train_flops = 0.0
         self.iterations = 0
         self._fallback_batch = fallback_batch
@@ -149,3 +150,52 @@ class Session:
 
     def site_by_param(self) -> Mapping[str, PrunableSite]:
         return {s.param: s for s in self.sites}
+
+    # -- state -----------------------------------------------------------------------------------
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of every parameter and buffer except the masks (the rewind snapshot)."""
+        return {
+            k: v.detach().cpu().clone()
+            for k, v in self.gm.state_dict().items()
+            if not k.endswith("weight_mask")
+        }
+
+    def load_weights_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Write ``state`` into the model in place (masks untouched)."""
+        live = self.gm.state_dict(keep_vars=True)
+        missing = sorted(set(state) - set(live))
+        if missing:
+            raise KeyError(f"weights state names tensors the model does not have: {missing[:5]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                live[k].copy_(v)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run bit for bit (see ``_checkpoint``)."""
+        trainer_state = getattr(self.trainer, "state_dict", None)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.gm.state_dict().items()},
+            "history": [dict(h) for h in self.history],
+            "train_flops": self.train_flops,
+            "iterations": self.iterations,
+            "elapsed_s": time.perf_counter() - self._t0,
+            "trainer": trainer_state() if callable(trainer_state) else None,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.gm.load_state_dict(state["model"])
+        self.history = [dict(h) for h in state["history"]]
+        self.train_flops = float(state["train_flops"])
+        self.iterations = int(state["iterations"])
+        self._t0 = time.perf_counter() - float(state["elapsed_s"])
+        if state.get("trainer") is not None and hasattr(self.trainer, "load_state_dict"):
+            self.trainer.load_state_dict(state["trainer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self._density = {s.param: float(self.mask(s).sum()) / s.numel for s in self.sites}
+        self._mask_version += 1

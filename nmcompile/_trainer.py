@@ -7,7 +7,9 @@ early-bird tickets of L-mIMP stop a round that way), and the step's ``batch_size
 FLOP accounting charges.
 
 Each ``train`` call is one round: a fresh optimizer and a learning-rate schedule that starts over
-(the lottery-ticket convention: the optimizer is re-created every round).
+(the lottery-ticket convention: the optimizer is re-created every round). The data stream does
+not start over: it continues where the last call stopped, and ``state_dict`` records where that is
+so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ class SupervisedTrainer:
         self.device = torch.device(device)
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.progress = progress
+        self._it: Any = None
+        self._position = 0
 
     def _lr_at(self, step: int, iterations: int) -> float:
         passed = sum(
@@ -132,17 +136,47 @@ class SupervisedTrainer:
         )
         return self.lr * self.gamma**passed
 
-    def _batches(self) -> Any:
-        while True:
-            empty = True
-            for batch in self.train_loader:
-                empty = False
-                yield batch
-            if empty:
-                raise InputError(
-                    "train_loader yielded no batches: give SupervisedTrainer a loader over a "
-                    "non-empty dataset (check batch_size and drop_last)"
-                )
+    def _next_batch(self) -> Any:
+        """The next training batch. The position persists across ``train`` calls, so rounds
+        shorter than an epoch still walk through the whole dataset."""
+        for attempt in range(2):
+            if self._it is None:
+                self._it = iter(self.train_loader)
+                self._position = 0
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                if attempt:
+                    break
+                continue
+            self._position += 1
+            return batch
+        raise InputError(
+            "train_loader yielded no batches: give SupervisedTrainer a loader over a non-empty "
+            "dataset (check batch_size and drop_last)"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the data stream is (epoch state of the loader, batches consumed in the epoch), so
+        a resumed run sees the same batches as an uninterrupted one."""
+        loader_state = getattr(self.train_loader, "state_dict", None)
+        return {
+            "position": self._position if self._it is not None else 0,
+            "loader": loader_state() if callable(loader_state) else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(state["loader"])
+        position = int(state.get("position", 0))
+        self._it, self._position = None, 0
+        if position:
+            if hasattr(self.train_loader, "iter_from"):
+                self._it, self._position = self.train_loader.iter_from(position), position
+            else:
+                for _ in range(position):
+                    self._next_batch()
 
     def train(self, model: nn.Module, iterations: int, on_step: OnStep | None = None) -> None:
         if iterations <= 0:
@@ -162,12 +196,11 @@ class SupervisedTrainer:
             dynamic_ncols=True,
         )
         try:
-            batches = self._batches()
             for step in range(iterations):
                 lr = self._lr_at(step, iterations)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                x, y = _split(_to(next(batches), self.device), "train_loader")
+                x, y = _split(_to(self._next_batch(), self.device), "train_loader")
                 loss = self.loss_fn(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

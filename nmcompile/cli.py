@@ -19,14 +19,15 @@ import platform
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
 
 # Iteration defaults per dataset: enough for the small CNN to converge on 2 CPU cores quickly.
 _DEFAULTS = {
-    "digits": {"pretrain": 600, "finetune": 300, "lr": 0.05, "batch": 64},
-    "fashion-mnist": {"pretrain": 3000, "finetune": 1500, "lr": 0.05, "batch": 128},
+    "digits": {"pretrain": 600, "finetune": 300, "round": 300, "lr": 0.05, "batch": 64},
+    "fashion-mnist": {"pretrain": 3000, "finetune": 1500, "round": 1500, "lr": 0.05, "batch": 128},
 }
 
 
@@ -99,6 +100,17 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="asp/omp/random fine-tuning iterations (default per dataset)",
+    )
+    run.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="training iterations per round of iterative methods (imp, mimp, lmimp, eb, ...; "
+        "default per dataset)",
+    )
+    run.add_argument("--checkpoint-dir", default=None, help="save every round here")
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the last round in --checkpoint-dir"
     )
     run.add_argument("--batch-size", type=int, default=None)
     run.add_argument("--lr", type=float, default=None)
@@ -177,6 +189,51 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _diagnostic_plots(out: Path, result: Any, args: argparse.Namespace) -> list[str]:
+    """Per-round accuracy / sparsity / FLOPs, the mask Hamming heatmap and PLP misprediction."""
+    from ._report import plot_heatmap, plot_lines
+
+    made = []
+    hist = result.history
+    if len(hist) > 1:
+        rounds = [h["round"] for h in hist]
+        plot_lines(
+            out / "rounds.png",
+            rounds,
+            {
+                "accuracy": [
+                    h["accuracy"] if h["accuracy"] is not None else float("nan") for h in hist
+                ],
+                "sparsity": [h["sparsity"] for h in hist],
+            },
+            title=f"{args.method}: accuracy and sparsity per round",
+            xlabel="round",
+            ylabel="fraction",
+        )
+        made.append("rounds")
+    matrix = result.diagnostics.get("mask_hamming")
+    if matrix and len(matrix) > 1:
+        plot_heatmap(
+            out / "mask_hamming.png",
+            matrix,
+            title="mask Hamming distance between pruning steps",
+            label="pruning step",
+        )
+        made.append("mask_hamming")
+    rates = result.diagnostics.get("plp_misprediction")
+    if rates:
+        plot_lines(
+            out / "plp_misprediction.png",
+            list(range(1, len(rates) + 1)),
+            {"misprediction": [float("nan") if r is None else r for r in rates]},
+            title=f"PLP misprediction (alpha = {result.diagnostics.get('plp_alpha')})",
+            xlabel="pruning step",
+            ylabel="fraction",
+        )
+        made.append("plp_misprediction")
+    return made
+
+
 def _log(msg: str) -> None:
     print(f"[nmcompile] {msg}", flush=True)
 
@@ -198,7 +255,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     out = ensure_dir(args.out)
     key = "fashion-mnist" if args.dataset.replace("_", "-") == "fashion-mnist" else args.dataset
     d = _DEFAULTS.get(key, _DEFAULTS["fashion-mnist"])
-    pretrain = d["pretrain"] if args.pretrain_iterations is None else args.pretrain_iterations
+    fields = spec.config_cls.options()
+    iterative = "iterations_per_round" in fields
+    # Iterative methods train from the initialisation themselves (round 0 is the dense round).
+    default_pretrain = 0 if iterative else d["pretrain"]
+    pretrain = default_pretrain if args.pretrain_iterations is None else args.pretrain_iterations
     finetune = d["finetune"] if args.finetune_iterations is None else args.finetune_iterations
     batch = args.batch_size or d["batch"]
     lr = args.lr or d["lr"]
@@ -238,8 +299,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             f"({time.perf_counter() - t0:.1f} s)"
         )
     options = dict(args.option)
-    if "finetune_iterations" in spec.config_cls.options() and "finetune_iterations" not in options:
-        options["finetune_iterations"] = finetune
+    if "finetune_iterations" in fields and not iterative:
+        options.setdefault("finetune_iterations", finetune)
+    if iterative:
+        options.setdefault("iterations_per_round", args.iterations or d["round"])
+    if args.checkpoint_dir:
+        options["checkpoint_dir"] = args.checkpoint_dir
+    if args.resume:
+        options["resume"] = True
     options.setdefault("seed", args.seed)
     model = model.cpu()
     t0 = time.perf_counter()
@@ -248,6 +315,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     )
     compile_s = time.perf_counter() - t0
     sparse_acc = result.history[-1]["accuracy"] if result.history else None
+    if dense_acc is None and result.history and result.history[0]["sparsity"] == 0.0:
+        dense_acc = result.history[0]["accuracy"]  # round 0 of an iterative method is dense
     _log(
         f"{args.method}: sparsity {100 * result.sparsity:.1f}% of pruned layers, accuracy "
         f"{'-' if sparse_acc is None else f'{100 * sparse_acc:.2f}%'} ({compile_s:.1f} s)"
@@ -327,18 +396,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             ylabel="ms",
             horizontal=False,
         )
-    if len(result.history) > 1:
-        plot_bars(
-            out / "rounds.png",
-            [str(h["round"]) for h in result.history],
-            {
-                "accuracy": [h["accuracy"] or 0.0 for h in result.history],
-                "sparsity": [h["sparsity"] for h in result.history],
-            },
-            title="rounds",
-            ylabel="fraction",
-            horizontal=False,
-        )
+    plots = _diagnostic_plots(out, result, args)
     machine = machine_info()
     command = "nmcompile " + " ".join(shlex.quote(a) for a in argv)
     summary = {
@@ -422,8 +480,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             "![latency](latency.png)",
         ]
     lines += ["", "![per-layer density](sparsity.png)", ""]
-    if len(result.history) > 1:
-        lines += ["![rounds](rounds.png)", ""]
+    lines += [f"![{name}]({name}.png)\n" for name in plots]
     lines += ["---", "", result.report(level=2)]
     atomic_write_text(out / "report.md", "\n".join(lines))
     _log(

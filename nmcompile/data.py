@@ -244,9 +244,13 @@ class TensorLoader:
         return perm
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Iterate the current epoch from batch index ``batch`` on (resuming mid-epoch)."""
         idx = self.indices()
         stop = len(self) * self.batch_size if self.drop_last else self.num_samples
-        for start in range(0, stop, self.batch_size):
+        for start in range(batch * self.batch_size, stop, self.batch_size):
             end = min(start + self.batch_size, stop)
             if idx is None:
                 xb, yb = self.x[start:end], self.y[start:end]

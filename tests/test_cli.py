@@ -137,3 +137,36 @@ def test_methods_command(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "asp" in out and "omp" in out and "unstructured" in out
+
+
+def test_run_iterative_method_with_checkpoints_and_diagnostic_plots(tmp_path):
+    out = tmp_path / "m"
+    ckpt = tmp_path / "ckpt"
+    argv = [
+        "run",
+        "--method",
+        "mimp",
+        "--pattern",
+        "1:4",
+        "--iterations",
+        "15",
+        "--out",
+        str(out),
+        "--checkpoint-dir",
+        str(ckpt),
+        "--no-latency",
+    ]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pretrain_iterations"] == 0  # round 0 of mIMP is the dense round
+    assert summary["dense_accuracy"] == summary["history"][0]["accuracy"]
+    assert summary["sparsity"] == pytest.approx(0.75)
+    for name in ("rounds.png", "mask_hamming.png", "plp_misprediction.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC), name
+    report = (out / "report.md").read_text()
+    assert "PLP misprediction" in report and "![mask_hamming](mask_hamming.png)" in report
+    assert list(ckpt.glob("round-*.pt"))
+    # resuming the finished run reproduces it without training again
+    assert main([*argv, "--resume", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["history"][-1]["accuracy"] == summary["history"][-1]["accuracy"]

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import one_shot
+from . import lottery, one_shot
 
-__all__ = ["one_shot"]
+__all__ = ["lottery", "one_shot"]

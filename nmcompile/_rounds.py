@@ -1,0 +1,313 @@
+"""The round engine shared by every iterative method (IMP, mIMP, L-mIMP, and later IMP-Refill /
+Regroup), after Algorithm 1 of Chen et al. 2022 and Algorithm 1 of the mIMP paper::
+
+    round 0:  train I iterations from theta_0, snapshot theta_k at iteration k (rewind_iteration)
+    round r:  score -> update masks in place -> rewind surviving weights to theta_k
+              (or re-initialise them, for random tickets) -> train I - k iterations
+    stop:     when the method says its target is reached; the last round trains the final ticket
+
+Each round closes with one ``history`` record (round, sparsity, accuracy, cumulative training
+FLOPs, iterations, wall time, plus the method's keys). After every pruning step, and once more at
+the end, the whole run state is checkpointed atomically to ``checkpoint_dir``;
+``resume=True`` continues from the newest good checkpoint and ends with the masks an
+uninterrupted run would have produced.
+
+The engine also keeps the mask produced by every pruning step (bit-packed) for the diagnostics of
+the mIMP paper's Figure 3: the average Hamming distance between the masks of every pair of rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ._checkpoint import find_latest, load_round, save_round
+from ._config import MethodConfig, check_float, check_int
+from ._errors import ConfigError
+from ._session import Session
+from ._trainer import OnStep, StepInfo
+
+__all__ = ["IterativeConfig", "RoundEngine", "RoundMethod", "mask_distance", "pack_masks"]
+
+_REWIND_MODES = ("snapshot", "reinit")
+# Options that say where and whether to checkpoint, not what the run computes: a resumed run may
+# differ in them from the run that wrote the checkpoint.
+_RUN_CONTROL = ("checkpoint_dir", "resume", "keep_checkpoints")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IterativeConfig(MethodConfig):
+    """Options common to the iterative (round-based) methods.
+
+    ``iterations_per_round``: training iterations of round 0; later rounds train
+    ``iterations_per_round - rewind_iteration`` from the rewound weights. ``rewind_iteration``:
+    the iteration of round 0 whose weights every round rewinds to (None: 5% of a round, the
+    Structure-LTH setting; 0: the original initialisation). ``prune_rate``: fraction of the
+    remaining candidates pruned per round. ``rewind="reinit"`` re-initialises the weights each
+    round instead (random tickets). ``checkpoint_dir`` / ``resume``: save every round and continue
+    an interrupted run.
+    """
+
+    iterations_per_round: int = 1000
+    rewind_iteration: int | None = None
+    prune_rate: float = 0.2
+    rewind: str = "snapshot"
+    max_rounds: int = 60
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        check_int(self, "iterations_per_round", 1)
+        if self.rewind_iteration is not None:
+            check_int(self, "rewind_iteration", 0, self.iterations_per_round - 1)
+        check_float(self, "prune_rate", 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.rewind not in _REWIND_MODES:
+            raise ConfigError(
+                f"{type(self).__name__}.rewind must be one of {list(_REWIND_MODES)}, got "
+                f"{self.rewind!r}"
+            )
+        check_int(self, "max_rounds", 1)
+        check_int(self, "keep_checkpoints", 1)
+        if not isinstance(self.resume, bool):
+            raise ConfigError(f"{type(self).__name__}.resume must be True or False")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError(
+                f"{type(self).__name__}.resume=True needs checkpoint_dir: the folder the "
+                "interrupted run wrote its rounds to"
+            )
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
+            object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
+
+    @property
+    def rewind_at(self) -> int:
+        if self.rewind_iteration is not None:
+            return self.rewind_iteration
+        return round(0.05 * self.iterations_per_round)
+
+    def run_key(self) -> dict[str, Any]:
+        """The config without run-control options: what a checkpoint must match to be resumed."""
+        body = self.to_json()["config"]
+        return {k: v for k, v in body.items() if k not in _RUN_CONTROL}
+
+
+class RoundMethod:
+    """What an iterative method adds to the engine: how to score and prune, when to stop, and any
+    state of its own (saved with every checkpoint)."""
+
+    name: ClassVar[str] = ""
+
+    def propose(self, engine: RoundEngine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The masks the next pruning step would produce from the current weights, and facts
+        about them for the history; must not change any state."""
+        raise NotImplementedError
+
+    def accept(
+        self, engine: RoundEngine, masks: dict[str, torch.Tensor], info: dict[str, Any]
+    ) -> None:
+        """Called once the engine has applied ``masks``; update the method's own state."""
+
+    def done(self, engine: RoundEngine) -> bool:
+        """True when the mask of the round just trained is the final one."""
+        raise NotImplementedError
+
+    def step_hook(self, engine: RoundEngine, round_index: int) -> OnStep | None:
+        """An ``on_step`` callback for the training of ``round_index`` (early stopping), or None."""
+        return None
+
+    def finish(self, engine: RoundEngine) -> dict[str, Any]:
+        """Diagnostics computed at the end of the run (stored in ``CompileResult.diagnostics``)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def pack_masks(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All masks, flattened in order and bit-packed (8 weights a byte), as a uint8 tensor."""
+    flat = torch.cat([m.detach().reshape(-1).cpu() for m in masks.values()]).numpy()
+    return torch.from_numpy(np.packbits(flat))
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount(a: np.ndarray) -> int:
+    return int(_POPCOUNT[a].sum(dtype=np.int64))
+
+
+def mask_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Average over layers of the fraction of mask entries that differ (normalised Hamming)."""
+    if not a:
+        return 0.0
+    return float(sum(float((a[k] != b[k]).float().mean()) for k in a) / len(a))
+
+
+class RoundEngine:
+    """Drives rounds for one ``RoundMethod`` through a ``Session`` (see the module docstring)."""
+
+    def __init__(self, session: Session, config: IterativeConfig, method: RoundMethod) -> None:
+        self.session = session
+        self.config = config
+        self.method = method
+        self.round = 0
+        self.snapshot: dict[str, torch.Tensor] | None = None
+        self.mask_history: list[torch.Tensor] = []  # packed masks after each pruning step
+        self.diagnostics: dict[str, Any] = {}
+        self._total = sum(s.numel for s in session.sites)
+        self._meta = {"method": config.name, "config": config.run_key()}
+
+    # -- helpers for methods ---------------------------------------------------------------------
+    @property
+    def total_weights(self) -> int:
+        return self._total
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {s.param: self.session.mask(s) for s in self.session.sites}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {s.param: self.session.weight(s).detach() for s in self.session.sites}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.config
+        resumed = self._resume() if cfg.resume else False
+        if resumed == "done":
+            self.session.diagnostics.update(self.diagnostics)
+            return
+        if not resumed:
+            self._round_zero()
+        while True:
+            trained_round = self.round
+            if self.method.done(self) or trained_round + 1 >= cfg.max_rounds:
+                break
+            masks, info = self.method.propose(self)
+            for site in self.session.sites:
+                self.session.set_mask(site, masks[site.param])
+            self.method.accept(self, masks, info)
+            self.mask_history.append(pack_masks(masks))
+            self._rewind()
+            self.round = trained_round + 1
+            self._pending = {
+                **info,
+                "hamming_to_prev": self._hamming_to_prev(),
+            }
+            self._checkpoint(done=False)
+            steps_wanted = cfg.iterations_per_round - cfg.rewind_at
+            early = self._train(steps_wanted, self.round)
+            self.session.end_round(**self._pending, **early)
+        self.diagnostics = self._finish()
+        self.session.diagnostics.update(self.diagnostics)
+        self._checkpoint(done=True)
+
+    def _round_zero(self) -> None:
+        cfg = self.config
+        self._pending = {}
+        k = cfg.rewind_at
+        if k == 0:
+            self.snapshot = self.session.weights_state()
+        hook = self.method.step_hook(self, 0)
+
+        def on_step(info: StepInfo) -> bool | None:
+            if self.snapshot is None and info.iteration == k:
+                self.snapshot = self.session.weights_state()
+            return hook(info) if hook is not None else None
+
+        early = self._train(cfg.iterations_per_round, 0, on_step=on_step)
+        if self.snapshot is None:  # no trainer, or a round that stopped before iteration k
+            self.snapshot = self.session.weights_state()
+        self.session.end_round(**early)
+
+    def _train(self, iterations: int, round_index: int, on_step: OnStep | None = None) -> dict:
+        hook = on_step if on_step is not None else self.method.step_hook(self, round_index)
+        steps = self.session.train(iterations, hook)
+        stopped = steps < iterations and self.session.trainer is not None
+        return {"round_iterations": steps, "stopped_early": stopped}
+
+    def _rewind(self) -> None:
+        if self.config.rewind == "reinit":
+            self._reinit()
+        else:
+            self.session.load_weights_state(self.snapshot)
+
+    def _reinit(self) -> None:
+        """Fresh random weights (each module's own ``reset_parameters``), seeded per round."""
+        seed = self.config.seed * 1_000_003 + self.round + 1
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            for mod in self.session.gm.modules():
+                reset = getattr(mod, "reset_parameters", None)
+                if callable(reset) and mod is not self.session.gm:
+                    reset()
+
+    def _hamming_to_prev(self) -> float | None:
+        if len(self.mask_history) < 2:
+            return None
+        a, b = self.mask_history[-2].numpy(), self.mask_history[-1].numpy()
+        return _popcount(a ^ b) / self._total
+
+    def _finish(self) -> dict[str, Any]:
+        packed = [p.numpy() for p in self.mask_history]
+        n = len(packed)
+        matrix = [[0.0] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(i + 1, n):
+                matrix[i][j] = matrix[j][i] = _popcount(packed[i] ^ packed[j]) / self._total
+        return {"mask_hamming": matrix, **self.method.finish(self)}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _state(self, done: bool) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "done": done,
+            "session": self.session.state_dict(),
+            "snapshot": self.snapshot,
+            "mask_history": list(self.mask_history),
+            "pending": dict(self._pending),
+            "diagnostics": self.diagnostics if done else {},
+            "method": self.method.state_dict(),
+        }
+
+    def _checkpoint(self, *, done: bool) -> None:
+        if self.config.checkpoint_dir:
+            save_round(
+                self.config.checkpoint_dir,
+                self.round if not done else self.round + 1,
+                self._state(done),
+                self._meta,
+                keep=self.config.keep_checkpoints,
+            )
+
+    def _resume(self) -> bool | str:
+        folder = self.config.checkpoint_dir
+        latest = find_latest(folder, self._meta)
+        if latest is None:
+            return False
+        state = load_round(folder, latest)
+        self.session.load_state_dict(state["session"])
+        self.snapshot = state["snapshot"]
+        self.mask_history = list(state["mask_history"])
+        self._pending = dict(state["pending"])
+        self.method.load_state_dict(state["method"])
+        self.round = int(state["round"])
+        if state["done"]:
+            self.diagnostics = state["diagnostics"]
+            return "done"
+        # The checkpoint was taken after pruning and rewinding, before this round's training.
+        early = self._train(self.config.iterations_per_round - self.config.rewind_at, self.round)
+        self.session.end_round(**self._pending, **early)
+        return True
+
+
+def rounds_to_reach(remaining: float, target_remaining: float, rate: float) -> int:
+    """Pruning steps of ``rate`` (of what remains) from ``remaining`` down to ``target_remaining``."""
+    if remaining <= target_remaining:
+        return 0
+    return math.ceil(math.log(target_remaining / remaining) / math.log(1.0 - rate) - 1e-9)

@@ -1,0 +1,491 @@
+"""Lottery-ticket rounds: IMP, mIMP (+high, +rand), L-mIMP, EB; the round engine's rewinding,
+early-bird stops, checkpoints and resume."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import nmcompile
+from nmcompile import (
+    ConfigError,
+    NMPattern,
+    StepInfo,
+    SupervisedTrainer,
+    UnknownOptionError,
+    data,
+    zoo,
+)
+from nmcompile._methods.lottery import plp_scores
+from nmcompile._pattern import nm_group_counts
+from nmcompile.passes import check_nm
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(16, 32),
+        nn.ReLU(),
+        nn.Linear(32, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
+        nn.Linear(32, 4),
+    )
+
+
+X = torch.randn(8, 16)
+
+
+class RecordingTrainer:
+    """A real (tiny) SGD trainer that records what each round started from.
+
+    ``snapshot_at``: also records the full state after that iteration of the first call, which
+    is what rewinding must restore.
+    """
+
+    def __init__(self, snapshot_at: int | None = None, lr: float = 0.05, freeze: bool = False):
+        self.calls: list[dict] = []
+        self.snapshot_at = snapshot_at
+        self.snapshot: dict | None = None
+        self.lr = lr
+        self.freeze = freeze
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(64, 16, generator=gen)
+        self.y = torch.randint(0, 4, (64,), generator=gen)
+
+    def train(self, model, iterations, on_step=None):
+        masks = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight_mask")}
+        start = {
+            k: v.clone() for k, v in model.state_dict().items() if not k.endswith("weight_mask")
+        }
+        self.calls.append({"masks": masks, "start": start, "iterations": iterations})
+        opt = torch.optim.SGD(model.parameters(), lr=0.0 if self.freeze else self.lr, momentum=0.9)
+        for i in range(iterations):
+            idx = torch.arange(i * 8, i * 8 + 8) % 64
+            loss = nn.functional.cross_entropy(model(self.x[idx]), self.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if len(self.calls) == 1 and self.snapshot_at == i + 1:
+                self.snapshot = {
+                    k: v.clone()
+                    for k, v in model.state_dict().items()
+                    if not k.endswith("weight_mask")
+                }
+            if on_step is not None and on_step(StepInfo(i + 1, 8, loss.detach(), self.lr)):
+                break
+
+    def evaluate(self, model):
+        with torch.no_grad():
+            return float((model(self.x).argmax(-1) == self.y).float().mean())
+
+
+# -- mIMP pool invariants --------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["2:4", "1:4", "2:8"])
+def test_mimp_keeps_at_least_n_per_group_and_exactly_n_at_the_end(spec):
+    pattern = NMPattern.parse(spec)
+    trainer = RecordingTrainer()
+    r = nmcompile.compile(
+        _net(), "mimp", spec, example_inputs=(X,), trainer=trainer, iterations_per_round=6
+    )
+    for call in trainer.calls:  # every round trained with >= n survivors in every group
+        for mask in call["masks"].values():
+            assert int(nm_group_counts(mask, pattern.m).min()) >= pattern.n
+    sparsities = [h["sparsity"] for h in r.history]
+    assert sparsities == sorted(sparsities) and sparsities[0] == 0.0
+    assert r.history[-1]["pool_cleared"] is True
+    assert check_nm(r.masked, pattern, strict=True).ok  # exactly n at the end
+    assert r.sparsity == pytest.approx(pattern.sparsity)
+    # the losing-ticket pool shrinks by prune_rate each round until epsilon clears it
+    pools = [h["pool_after"] for h in r.history[1:]]
+    for a, b in itertools.pairwise(pools[:-1]):
+        assert b == pytest.approx(0.8 * a, rel=0.02)
+    assert pools[-2] > 0.01 >= pools[-2] * 0.8 and pools[-1] == 0.0
+
+
+def test_mimp_high_takes_fewer_rounds_and_rand_reinitialises():
+    base = nmcompile.compile(
+        _net(),
+        "mimp",
+        "2:4",
+        example_inputs=(X,),
+        trainer=RecordingTrainer(),
+        iterations_per_round=4,
+    )
+    high = nmcompile.compile(
+        _net(),
+        "mimp-high",
+        "2:4",
+        example_inputs=(X,),
+        trainer=RecordingTrainer(),
+        iterations_per_round=4,
+    )
+    assert high.config.prune_rate == 0.4
+    assert len(high.history) < len(base.history)
+    assert high.history[-1]["train_flops"] < base.history[-1]["train_flops"]
+    trainer = RecordingTrainer()
+    rand = nmcompile.compile(
+        _net(), "mimp-rand", "2:4", example_inputs=(X,), trainer=trainer, iterations_per_round=4
+    )
+    assert rand.config.rewind == "reinit"
+    starts = [c["start"]["2.weight"] for c in trainer.calls]
+    assert not torch.equal(starts[1], starts[2])  # fresh random weights every round
+    assert check_nm(rand.masked, NMPattern(2, 4), strict=True).ok
+
+
+def test_rewinding_restores_the_snapshot_of_surviving_weights():
+    trainer = RecordingTrainer(snapshot_at=3)
+    nmcompile.compile(
+        _net(),
+        "imp",
+        example_inputs=(X,),
+        trainer=trainer,
+        iterations_per_round=10,
+        rewind_iteration=3,
+        target_sparsity=0.5,
+    )
+    assert trainer.snapshot is not None and len(trainer.calls) > 2
+    assert trainer.calls[0]["iterations"] == 10
+    for call in trainer.calls[1:]:
+        assert call["iterations"] == 7  # rounds after the first train I - k iterations
+        for name, value in trainer.snapshot.items():
+            assert torch.equal(call["start"][name], value), name
+
+
+def test_rewind_iteration_zero_is_the_initialisation():
+    net = _net()
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = RecordingTrainer()
+    nmcompile.compile(
+        net,
+        "imp",
+        example_inputs=(X,),
+        trainer=trainer,
+        iterations_per_round=5,
+        rewind_iteration=0,
+        target_sparsity=0.36,
+    )
+    for name, value in init.items():
+        assert torch.equal(trainer.calls[1]["start"][name], value)
+
+
+def test_imp_prunes_globally_to_the_exact_target():
+    r = nmcompile.compile(
+        _net(),
+        "imp",
+        example_inputs=(X,),
+        trainer=RecordingTrainer(),
+        iterations_per_round=3,
+        target_sparsity=0.75,
+    )
+    total = sum(m.numel() for m in r.masks.values())
+    kept = sum(int(m.sum()) for m in r.masks.values())
+    assert kept == round(0.25 * total)
+    # 20% of the remaining weights per round: 1, 0.8, 0.64, 0.512, 0.41, 0.328, 0.262 -> 0.25
+    assert [round(h["sparsity"], 3) for h in r.history] == [
+        0.0,
+        0.2,
+        0.36,
+        0.488,
+        0.59,
+        0.672,
+        0.738,
+        0.75,
+    ]
+    assert r.pattern is None
+
+
+# -- L-mIMP ------------------------------------------------------------------------------------
+def test_plp_scores_zscore_and_max():
+    w = torch.tensor([[4.0, 2.0, 1.0, 1.0, 5.0, -5.0, 0.0, 3.0]])
+    mask = torch.tensor([[True, True, True, True, True, True, False, True]])
+    z = plp_scores(w, mask, 4, "zscore")
+    # group [4, 2, 1, 1]: mean 2, population std sqrt(1.5)
+    assert z[0, :4].tolist() == pytest.approx(
+        [2 / 1.5**0.5, 0.0, -1 / 1.5**0.5, -1 / 1.5**0.5], rel=1e-5
+    )
+    assert z[0, 4:].tolist()[0] == pytest.approx(z[0, 5].item())  # |5| == |-5|
+    m = plp_scores(w, mask, 4, "max")
+    assert m[0, :4].tolist() == [1.0, 0.5, 0.25, 0.25]
+    assert m[0, 6].item() == 0.0
+
+
+def test_lmimp_reaches_exact_nm_with_fewer_flops_than_mimp():
+    mimp = nmcompile.compile(
+        _net(),
+        "mimp",
+        "2:4",
+        example_inputs=(X,),
+        trainer=RecordingTrainer(),
+        iterations_per_round=20,
+    )
+    lm = nmcompile.compile(
+        _net(),
+        "lmimp",
+        "2:4",
+        example_inputs=(X,),
+        trainer=RecordingTrainer(),
+        iterations_per_round=20,
+        eb_interval=2,
+    )
+    assert check_nm(lm.masked, NMPattern(2, 4), strict=True).ok
+    assert len(lm.history) < len(mimp.history)
+    assert lm.history[-1]["train_flops"] < mimp.history[-1]["train_flops"] / 2
+    # PLP is off for the first R_t = 2 pruning steps, then removes pool weights early
+    assert [h["plp_pruned"] for h in lm.history[1:3]] == [0, 0]
+    assert sum(h["plp_pruned"] for h in lm.history[3:]) > 0
+    # the final ticket trains a full round (no early-bird cut)
+    assert lm.history[-1]["stopped_early"] is False
+    assert lm.history[-1]["round_iterations"] == 20 - lm.config.rewind_at
+
+
+def test_early_bird_stops_a_round_when_masks_stop_changing():
+    # frozen weights: the proposed mask is the same at every check -> stop at the second check
+    trainer = RecordingTrainer(freeze=True)
+    r = nmcompile.compile(
+        _net(),
+        "lmimp",
+        "2:4",
+        example_inputs=(X,),
+        trainer=trainer,
+        iterations_per_round=40,
+        eb_interval=5,
+        plp_start_round=1,
+        eb_start_round=1,
+        rewind_iteration=0,
+    )
+    eb_rounds = [h for h in r.history[1:-1]]
+    assert eb_rounds and all(h["stopped_early"] and h["round_iterations"] == 10 for h in eb_rounds)
+    assert r.history[0]["round_iterations"] == 40  # before eb_start_round: the full round
+
+
+def test_early_bird_does_not_stop_while_masks_change():
+    class Shaker(RecordingTrainer):
+        def train(self, model, iterations, on_step=None):
+            for i in range(iterations):
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.copy_(torch.randn_like(p))  # a new ranking at every step
+                if on_step is not None and on_step(StepInfo(i + 1, 8, torch.zeros(()), 0.1)):
+                    break
+            self.calls.append({"iterations": iterations})
+
+    r = nmcompile.compile(
+        _net(),
+        "lmimp",
+        "2:4",
+        example_inputs=(X,),
+        trainer=Shaker(),
+        iterations_per_round=30,
+        eb_interval=5,
+        beta=0.01,
+        eb_start_round=1,
+    )
+    assert not any(h["stopped_early"] for h in r.history)
+
+
+# -- EB baseline ---------------------------------------------------------------------------------
+def test_eb_draws_the_ticket_when_the_queue_agrees():
+    trainer = RecordingTrainer(freeze=True)
+    r = nmcompile.compile(
+        _net(),
+        "eb",
+        "2:4",
+        example_inputs=(X,),
+        trainer=trainer,
+        iterations_per_round=100,
+        eb_interval=4,
+        eb_queue=5,
+        finetune_iterations=7,
+    )
+    dense, pruned = r.history
+    assert dense["early_bird_iteration"] == 20 and dense["round_iterations"] == 20
+    assert pruned["round_iterations"] == 7 and pruned["sparsity"] == pytest.approx(0.5)
+    assert check_nm(r.masked, NMPattern(2, 4), strict=True).ok
+
+
+# -- diagnostics -------------------------------------------------------------------------------
+def test_hamming_matrix_and_plp_misprediction():
+    r = nmcompile.compile(
+        _net(),
+        "mimp",
+        "2:8",
+        example_inputs=(X,),
+        trainer=RecordingTrainer(),
+        iterations_per_round=5,
+    )
+    steps = len(r.history) - 1
+    matrix = r.diagnostics["mask_hamming"]
+    assert len(matrix) == steps and all(len(row) == steps for row in matrix)
+    assert all(matrix[i][i] == 0.0 for i in range(steps))
+    assert matrix[0][-1] > matrix[0][1] > 0  # masks drift apart as rounds go on
+    assert matrix[0][1] == pytest.approx(r.history[2]["hamming_to_prev"])
+    rates = r.diagnostics["plp_misprediction"]
+    assert len(rates) == steps
+    assert all(x is None or 0.0 <= x <= 1.0 for x in rates)
+    report = r.report()
+    assert "PLP misprediction" in report and "Mask Hamming distance" in report
+
+
+# -- options -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("mimp", {"epsilon": 2.0}, r"MIMPConfig.epsilon must be in \(0.0, 1.0\), got 2.0"),
+        ("mimp", {"prune_rate": 0.0}, r"MIMPConfig.prune_rate must be in \(0.0, 1.0\)"),
+        ("lmimp", {"beta": -1.0}, r"LMIMPConfig.beta must be in \(0.0, 1.0\]"),
+        ("lmimp", {"plp_norm": "l2"}, r"LMIMPConfig.plp_norm must be one of \['zscore', 'max'\]"),
+        ("lmimp", {"plp_norm": "max", "alpha": -0.1}, r"LMIMPConfig.alpha must be in \(0.0, 1.0\)"),
+        (
+            "imp",
+            {"rewind_iteration": 10, "iterations_per_round": 10},
+            r"IMPConfig.rewind_iteration must be <= 9",
+        ),
+        ("imp", {"rewind": "snap"}, r"IMPConfig.rewind must be one of \['snapshot', 'reinit'\]"),
+        ("imp", {"resume": True}, r"resume=True needs checkpoint_dir"),
+        ("eb", {"eb_queue": 1}, r"EBConfig.eb_queue must be >= 2"),
+    ],
+)
+def test_out_of_range_options_are_named(method, options, message):
+    with pytest.raises(ConfigError, match=message):
+        nmcompile.compile(_net(), method, "2:4", example_inputs=(X,), **options)
+
+
+def test_unknown_iterative_option_lists_the_valid_ones():
+    with pytest.raises(
+        UnknownOptionError, match=r"unknown option \['eps'\].*'epsilon'.*'rewind_iteration'"
+    ):
+        nmcompile.compile(_net(), "mimp", "2:4", example_inputs=(X,), eps=0.1)
+
+
+# -- checkpoints and resume --------------------------------------------------------------------
+class Interrupt(Exception):
+    pass
+
+
+class DyingTrainer(SupervisedTrainer):
+    """A real trainer that dies in the middle of its ``die_on``-th train call."""
+
+    def __init__(self, *args, die_on: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.die_on = die_on
+        self.n = 0
+
+    def train(self, model, iterations, on_step=None):
+        self.n += 1
+        if self.n == self.die_on:
+
+            def dying(info):
+                if info.iteration == 2:
+                    raise Interrupt("killed mid-round")
+                return on_step(info) if on_step else None
+
+            return super().train(model, iterations, dying)
+        return super().train(model, iterations, on_step)
+
+
+def _digits_run(tmp, method, trainer_cls=SupervisedTrainer, resume=False, **kw):
+    ds = data.load("digits", batch_size=32, seed=0)
+    torch.manual_seed(0)
+    model = zoo.create("cnn", in_channels=1, image_size=8)
+    trainer = trainer_cls(ds.train, ds.val, lr=0.05, progress=False, **kw)
+    return nmcompile.compile(
+        model,
+        method,
+        "2:4",
+        example_inputs=(ds.example_input(2),),
+        trainer=trainer,
+        iterations_per_round=30,
+        checkpoint_dir=str(tmp),
+        resume=resume,
+        seed=3,
+    )
+
+
+@pytest.mark.parametrize("method", ["lmimp", "mimp-rand"])
+def test_resume_after_interruption_gives_the_uninterrupted_masks(tmp_path, method):
+    full = _digits_run(tmp_path / "full", method)
+    with pytest.raises(Interrupt):
+        _digits_run(tmp_path / "cut", method, DyingTrainer, die_on=3)
+    saved = sorted(p.name for p in (tmp_path / "cut").glob("round-*.pt"))
+    assert saved and len(saved) <= 2  # keep_checkpoints=2
+    resumed = _digits_run(tmp_path / "cut", method, resume=True)
+    assert resumed.masks.keys() == full.masks.keys()
+    for k in full.masks:
+        assert torch.equal(resumed.masks[k], full.masks[k]), k
+    strip = lambda hs: [{k: v for k, v in h.items() if k != "wall_s"} for h in hs]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    for k, v in full.module.state_dict().items():
+        assert torch.equal(resumed.module.state_dict()[k], v), k
+    # resuming a finished run returns its result without training again
+    again = _digits_run(tmp_path / "cut", method, resume=True)
+    assert strip(again.history) == strip(full.history)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    full = _digits_run(tmp_path / "a", "imp")
+    del full
+    pts = sorted((tmp_path / "a").glob("round-*.pt"))
+    assert len(pts) == 2
+    newest = pts[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    with pytest.warns(
+        UserWarning, match=r"round-\d+\.pt is not usable: its checksum does not match"
+    ):
+        r = _digits_run(tmp_path / "a", "imp", resume=True)
+    assert r.history[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    _digits_run(tmp_path / "a", "imp")
+    ds = data.load("digits", batch_size=32, seed=0)
+    with pytest.raises(ConfigError, match="written by a run with config="):
+        nmcompile.compile(
+            zoo.create("cnn", in_channels=1, image_size=8),
+            "imp",
+            example_inputs=(ds.example_input(1),),
+            iterations_per_round=31,
+            checkpoint_dir=str(tmp_path / "a"),
+            resume=True,
+            seed=3,
+        )
+
+
+def test_checkpoint_metadata(tmp_path):
+    _digits_run(tmp_path / "a", "mimp-high")
+    meta = json.loads(sorted((tmp_path / "a").glob("round-*.json"))[-1].read_text())
+    assert meta["method"] == "mimp-high" and len(meta["sha256"]) == 64
+    assert "checkpoint_dir" not in meta["config"] and meta["config"]["prune_rate"] == 0.4
+
+
+def test_same_seed_same_masks():
+    a = _digits_run_nockpt(seed=5)
+    b = _digits_run_nockpt(seed=5)
+    for k in a.masks:
+        assert torch.equal(a.masks[k], b.masks[k])
+    assert [h["accuracy"] for h in a.history] == [h["accuracy"] for h in b.history]
+
+
+def _digits_run_nockpt(seed):
+    ds = data.load("digits", batch_size=32, seed=seed)
+    torch.manual_seed(seed)
+    model = zoo.create("cnn", in_channels=1, image_size=8)
+    trainer = SupervisedTrainer(ds.train, ds.val, lr=0.05, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nmcompile.compile(
+            copy.deepcopy(model),
+            "lmimp",
+            "1:4",
+            example_inputs=(ds.example_input(2),),
+            trainer=trainer,
+            iterations_per_round=20,
+            seed=seed,
+        )
