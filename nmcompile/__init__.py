@@ -68,6 +68,7 @@ __all__ = [
     "Trainer",
     "UnknownMethodError",
     "UnknownOptionError",
+    "benchmark",
     "compile",
     "data",
     "get_method",
@@ -85,4 +86,6 @@ _SUBMODULES = {"data", "zoo", "runtime", "passes", "cli"}
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name == "benchmark":  # dense vs sparse latency on every backend (nmcompile.runtime.bench)
+        return importlib.import_module(".runtime.bench", __name__).benchmark
     raise AttributeError(f"module 'nmcompile' has no attribute {name!r}")

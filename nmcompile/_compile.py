@@ -184,6 +184,34 @@ class CompileResult:
             verify=verify,
         )
 
+    def build_engine(
+        self,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype = torch.float16,
+        sparse: bool = True,
+        workspace: int | None = None,
+        timing_cache: str | os.PathLike | None = None,
+    ):
+        """Export ONNX in ``dtype`` (``path`` with suffix ``.onnx``) and build a TensorRT plan at
+        ``path`` with sparse weights; returns a ``runtime.tensorrt.EngineBuild`` whose
+        ``report()`` says per layer whether it was eligible for 2:4 and ran a sparse tactic."""
+        from pathlib import Path
+
+        from .runtime.tensorrt import _import_trt, build_engine
+
+        _import_trt()  # fail before exporting when TensorRT is missing
+        onnx_path = Path(path).with_suffix(".onnx")
+        self.export_onnx(onnx_path, dtype=dtype)
+        return build_engine(
+            onnx_path,
+            path,
+            sparse=sparse,
+            workspace=workspace,
+            timing_cache=timing_cache,
+            pattern=str(self.pattern) if self.pattern else "2:4",
+        )
+
 
 def _normalise_inputs(example_inputs: Any) -> tuple[Any, ...]:
     if example_inputs is None:

@@ -140,6 +140,26 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sub.add_parser("methods", help="list the registered methods")
+
+    bench = sub.add_parser("bench", help="dense vs sparse latency on several backends")
+    bench.add_argument("model", help="an .onnx file or a zoo model name (e.g. resnet50, bert_base)")
+    bench.add_argument(
+        "--backends",
+        default="ort-cpu,torch",
+        help="comma list of ort-cpu, ort-cuda, torch, torch-2:4, trt",
+    )
+    bench.add_argument("--dtypes", default="fp32", help="comma list of fp32, fp16, bf16")
+    bench.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,8,32")
+    bench.add_argument(
+        "--input-shape",
+        default=None,
+        help="per-sample input shape, e.g. 3,224,224 or 128,768 (default per model)",
+    )
+    bench.add_argument("--pattern", default="2:4")
+    bench.add_argument("--warmup", type=int, default=10)
+    bench.add_argument("--repeat", type=int, default=50)
+    bench.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs (torch)")
+    bench.add_argument("--out", default="nmcompile-bench", help="output folder")
     return p
 
 
@@ -158,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "methods":
             return _methods()
+        if args.command == "bench":
+            return _bench(args)
     except NMCompileError as exc:
         print(f"nmcompile: error: {exc}", file=sys.stderr)
         return 2
@@ -172,6 +194,40 @@ def _methods() -> int:
         spec = get_method(name)
         kind = "N:M" if spec.structured else "unstructured"
         print(f"{name:<12} {kind:<13} {spec.summary}")
+    return 0
+
+
+def _csv(text: str, cast=str) -> list:
+    return [cast(t.strip()) for t in text.split(",") if t.strip()]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ._io import ensure_dir
+    from .runtime.bench import benchmark
+
+    out = ensure_dir(args.out)  # fail before timing anything
+    try:
+        batches = _csv(args.batch_sizes, int)
+        shape = _csv(args.input_shape, int) if args.input_shape else None
+    except ValueError as exc:
+        raise SystemExit(
+            f"nmcompile bench: --batch-sizes / --input-shape take integers: {exc}"
+        ) from exc
+    report = benchmark(
+        args.model,
+        backends=_csv(args.backends),
+        dtypes=_csv(args.dtypes),
+        batch_sizes=batches,
+        input_shape=shape,
+        pattern=args.pattern,
+        warmup=args.warmup,
+        repeat=args.repeat,
+        cuda_graphs=args.cuda_graphs,
+        workdir=out / "work",
+    )
+    files = report.save(out)
+    print(report.to_markdown())
+    print(f"wrote {', '.join(str(p) for p in files.values())}")
     return 0
 
 

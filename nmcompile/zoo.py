@@ -21,6 +21,11 @@ Models
     adaptive avg pool 1x1, Linear(512->num_classes). A max-pool that would shrink the feature
     map below 1x1 is left out, so 32x32 keeps all five pools, 28x28 keeps four (28->14->7->3->1)
     and 8x8 keeps three.
+``"bert_base"``, ``"bert_tiny"``
+    Transformer encoders over token embeddings ``[batch, seq, dim]`` for latency work: 12 layers of
+    768 / 3072 with 12 heads (BERT-base sized) and 2 layers of 128 / 512 with 2 heads, pre-norm,
+    explicit ``nn.Linear`` qkv / proj / fc1 / fc2 layers (every one prunable) and
+    ``scaled_dot_product_attention``; logits from the first token.
 ``"resnet18"``, ``"resnet50"``, ``"mobilenet_v2"``, ``"vit_b_16"``
     torchvision's architectures with ``weights=None``. For ``in_channels != 3`` the stem conv
     (``conv1``, ``features[0][0]``, ``conv_proj``) is replaced by one taking ``in_channels``
@@ -40,7 +45,7 @@ from torch import Tensor, nn
 
 from ._errors import ConfigError
 
-__all__ = ["create", "example_input", "models"]
+__all__ = ["Encoder", "EncoderBlock", "create", "example_input", "input_shape", "models"]
 
 
 def _check_int(where: str, name: str, value: object, minimum: int) -> int:
@@ -273,6 +278,59 @@ _MODELS: dict[str, _Builder] = {
     "mobilenet_v2": lambda k, c, s: _tv_mobilenet_v2(k, c),
     "vit_b_16": _tv_vit_b_16,
 }
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block with separate, prunable linear layers."""
+
+    def __init__(self, dim: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ff)
+        self.fc2 = nn.Linear(ff, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).flatten(2))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class Encoder(nn.Module):
+    """A stack of :class:`EncoderBlock` over token embeddings; logits from the first token."""
+
+    def __init__(self, num_classes: int, layers: int, dim: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, ff) for _ in range(layers)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+_MODELS["bert_base"] = lambda k, c, s: Encoder(k, 12, 768, 12, 3072)
+_MODELS["bert_tiny"] = lambda k, c, s: Encoder(k, 2, 128, 2, 512)
+_SEQUENCE_MODELS = {"bert_base": 768, "bert_tiny": 128}
+
+
+def input_shape(
+    name: str, *, in_channels: int = 3, image_size: int | None = None, seq_len: int = 128
+) -> tuple[int, ...]:
+    """The per-sample input shape of ``name``: ``(C, H, W)`` for images (``image_size`` default:
+    224 for the torchvision models, 32 otherwise) and ``(seq_len, dim)`` for the encoders."""
+    _check_name("zoo.input_shape", name)
+    if name in _SEQUENCE_MODELS:
+        return (seq_len, _SEQUENCE_MODELS[name])
+    if image_size is None:
+        image_size = 224 if name in ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16") else 32
+    return (in_channels, image_size, image_size)
 
 
 def models() -> list[str]:

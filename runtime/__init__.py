@@ -1,5 +1,6 @@
 """Runtime backends (installed as ``nmcompile.runtime``): ONNX export and N:M checking, ONNX
-Runtime sessions, the latency harness.
+Runtime sessions, TensorRT engines, torch 2:4 semi-structured kernels, the latency harness and
+the dense-vs-sparse benchmark.
 
 Names resolve lazily so ``import nmcompile.runtime`` does not import onnx or onnxruntime.
 """
@@ -21,6 +22,16 @@ _EXPORTS = {
     "time_interleaved": ".latency",
     "ort_latency": ".latency",
     "speedup": ".latency",
+    "build_engine": ".tensorrt",
+    "EngineBuild": ".tensorrt",
+    "TrtRunner": ".tensorrt",
+    "TensorRTNotAvailable": ".tensorrt",
+    "trtexec_command": ".tensorrt",
+    "parse_engine_info": ".tensorrt",
+    "to_semi_structured": ".semi_structured",
+    "plan_semi_structured": ".semi_structured",
+    "benchmark": ".bench",
+    "BenchReport": ".bench",
 }
 
 __all__ = sorted(_EXPORTS)

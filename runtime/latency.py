@@ -60,8 +60,13 @@ def time_interleaved(
     warmup: int = 10,
     repeat: int = 50,
     sync: Callable[[], None] | None = None,
+    cuda_events: bool = False,
 ) -> dict[str, LatencyStats]:
-    """Time each callable ``repeat`` times, interleaved, after ``warmup`` untimed calls each."""
+    """Time each callable ``repeat`` times, interleaved, after ``warmup`` untimed calls each.
+
+    ``cuda_events=True`` times GPU work with CUDA events recorded on the current stream around
+    each call (the device's own clock, no host launch jitter in the number).
+    """
     if repeat < 1 or warmup < 0:
         raise ValueError(f"need repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
     names = list(fns)
@@ -71,9 +76,21 @@ def time_interleaved(
         if sync:
             sync()
     times: dict[str, list[int]] = {n: [] for n in names}
+    if cuda_events:
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
     for r in range(repeat):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            if cuda_events:
+                start.record()
+                fns[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(int(start.elapsed_time(end) * 1e6))
+                continue
             if sync:
                 sync()
             t0 = time.perf_counter_ns()
