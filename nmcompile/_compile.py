@@ -37,10 +37,13 @@ from .passes import (
     finalize,
     find_sites,
     get_excluded,
+    get_masks,
     get_sites,
     insert_masks,
     nm_invariant,
+    propagate_shapes,
     run_passes,
+    shrink_channels,
     trace,
 )
 
@@ -106,10 +109,14 @@ class CompileResult:
     example_inputs: tuple[Any, ...] = field(repr=False)
     model_name: str = "model"
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    shrink: Any = None  # passes.ShrinkReport when the method removed channels
+    deployed_flops: FlopModel | None = None  # FLOPs of ``module`` after channel removal
 
     @property
     def sparsity(self) -> float:
-        total = sum(m.numel() for m in self.masks.values())
+        """Pruned fraction of the pruned layers' original weights (removed channels count as
+        pruned)."""
+        total = sum(s.numel for s in self.sites)
         kept = sum(int(m.sum()) for m in self.masks.values())
         return 1.0 - kept / total if total else 0.0
 
@@ -121,25 +128,28 @@ class CompileResult:
             else {}
         )
         rows = []
+        deployed = self.deployed_flops or self.flops
         for s in self.sites:
-            density = float(self.masks[s.param].float().mean())
-            dense = self.flops.sites.get(s.param, 0.0)
+            mask = self.masks[s.param]
             rows.append(
                 {
                     "layer": s.name,
                     "param": s.param,
                     "kind": s.kind,
-                    "shape": list(s.shape),
-                    "density": density,
+                    "shape": list(mask.shape),  # after channel removal, when the method shrinks
+                    "density": float(mask.sum()) / s.numel,  # of the original weight
                     "nm_ok": nm[s.param].ok if s.param in nm else None,
-                    "forward_flops_dense": dense,
-                    "forward_flops_sparse": dense * density,
+                    "forward_flops_dense": self.flops.sites.get(s.param, 0.0),
+                    "forward_flops_sparse": deployed.sites.get(s.param, 0.0)
+                    * float(mask.float().mean()),
                 }
             )
         return rows
 
     def summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
+        deployed = self.deployed_flops or self.flops
+        # density within each (possibly shrunk) deployed layer
         densities = {s.param: float(self.masks[s.param].float().mean()) for s in self.sites}
         return {
             "method": self.method,
@@ -150,8 +160,16 @@ class CompileResult:
             "accuracy": last.get("accuracy"),
             "train_flops": last.get("train_flops", 0.0),
             "forward_flops_dense": self.flops.dense,
-            "forward_flops_sparse": self.flops.forward(densities),
+            "forward_flops_sparse": deployed.forward(densities),
             "config": self.config.to_json(),
+            **(
+                {
+                    "params_before_shrink": self.shrink.params_before,
+                    "params_after_shrink": self.shrink.params_after,
+                }
+                if self.shrink
+                else {}
+            ),
         }
 
     def report(self, *, level: int = 1) -> str:
@@ -174,7 +192,7 @@ class CompileResult:
         from .runtime import export_onnx
 
         return export_onnx(
-            self.masked,
+            self.module,
             tuple(example_inputs) if example_inputs is not None else self.example_inputs,
             path,
             dtype=dtype,
@@ -303,17 +321,31 @@ def compile(
             trainer=trainer,
             flops=flops,
             fallback_batch=_batch_size(inputs),
+            example_inputs=inputs,
         )
         spec.run(session, config)
 
     if opts.debug and site_pattern is not None:
         nm_invariant(site_pattern)(gm)
     module = copy.deepcopy(gm)
+    shrink = deployed = None
+    if spec.shrink:
+        # remove the channels the method emptied; masks shrink with their weights
+        device = next(module.parameters()).device
+        propagate_shapes(
+            module, tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+        )
+        shrink_channels(module)
+        shrink = module.meta["nm_shrink"]
+        deployed = FlopModel.build(
+            module, tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+        )
+    masks = {p: m.detach().cpu() for p, m in get_masks(module).items()}
     run_passes(module, [finalize], check_modified=opts.debug)
     return CompileResult(
         module=module,
         masked=gm,
-        masks={s.param: session.mask(s).detach().cpu().clone() for s in sites},
+        masks=masks,
         history=session.history,
         method=spec.name,
         config=config,
@@ -324,4 +356,6 @@ def compile(
         example_inputs=inputs,
         model_name=type(model).__name__,
         diagnostics=session.diagnostics,
+        shrink=shrink,
+        deployed_flops=deployed,
     )

@@ -27,13 +27,19 @@ class MethodSpec:
     run: Callable[[Session, MethodConfig], None]
     structured: bool  # True: the result satisfies the N:M pattern; False: unstructured
     summary: str
+    shrink: bool = False  # channels the method empties are removed from CompileResult.module
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(
-    name: str, config_cls: type[MethodConfig], *, structured: bool, summary: str
+    name: str,
+    config_cls: type[MethodConfig],
+    *,
+    structured: bool,
+    summary: str,
+    shrink: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``run(session, config)`` as method ``name`` with ``config_cls``."""
 
@@ -41,7 +47,7 @@ def register_method(
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
         config_cls.name = name
-        _REGISTRY[name] = MethodSpec(name, config_cls, run, structured, summary)
+        _REGISTRY[name] = MethodSpec(name, config_cls, run, structured, summary, shrink)
         return run
 
     return deco

@@ -66,6 +66,16 @@ def render_markdown(result: CompileResult, *, level: int = 1) -> str:
                 ["training FLOPs (cumulative)", fmt_flops(s["train_flops"])],
                 ["forward FLOPs / sample, dense", fmt_flops(s["forward_flops_dense"])],
                 ["forward FLOPs / sample, sparse", fmt_flops(s["forward_flops_sparse"])],
+                *(
+                    [
+                        [
+                            "parameters, channels removed",
+                            f"{s['params_before_shrink']:,} -> {s['params_after_shrink']:,}",
+                        ]
+                    ]
+                    if "params_before_shrink" in s
+                    else []
+                ),
             ],
         ),
         "",

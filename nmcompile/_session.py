@@ -34,6 +34,7 @@ class Session:
         trainer: Trainer | None,
         flops: FlopModel,
         fallback_batch: int,
+        example_inputs: tuple[Any, ...] = (),
     ) -> None:
         self.gm = gm
         self.sites = sites
@@ -45,6 +46,7 @@ class Session:
         self.train_flops = 0.0
         self.iterations = 0
         self._fallback_batch = fallback_batch
+        self.example_inputs = example_inputs
         self._t0 = time.perf_counter()
         self._warned_no_trainer = False
         # Per-site mask density, kept current by set_mask, so per-step FLOPs follow masks that
@@ -147,6 +149,31 @@ class Session:
         record.update(extra)
         self.history.append(record)
         return record
+
+    def sample_batch(self) -> tuple[tuple[Any, ...], torch.Tensor | None]:
+        """(inputs, targets or None): one training batch when the trainer exposes its
+        ``train_loader``, else the example inputs. Used by data-driven criteria."""
+        loader = getattr(self.trainer, "train_loader", None)
+        device = next(self.gm.parameters()).device
+        if loader is not None:
+            for batch in loader:
+                if isinstance(batch, (list, tuple)) and len(batch) == 2:
+                    return (batch[0].to(device),), batch[1].to(device)
+                break
+        return tuple(
+            x.to(device) if isinstance(x, torch.Tensor) else x for x in self.example_inputs
+        ), None
+
+    def channel_graph(self):
+        """The channel dependency graph of the model (shapes from the example inputs)."""
+        from .passes import build_channel_graph, propagate_shapes
+
+        device = next(self.gm.parameters()).device
+        inputs = tuple(
+            x.to(device) if isinstance(x, torch.Tensor) else x for x in self.example_inputs
+        )
+        propagate_shapes(self.gm, inputs)
+        return build_channel_graph(self.gm)
 
     def site_by_param(self) -> Mapping[str, PrunableSite]:
         return {s.param: s for s in self.sites}

@@ -11,6 +11,7 @@ The order in ``nmcompile.compile`` is::
 from __future__ import annotations
 
 from ._infra import PassResult, fingerprint, run_passes
+from .channel_graph import ChannelGraph, ChannelSpace, build_channel_graph
 from .check_nm import NMCheckEntry, NMCheckReport, check_nm, nm_invariant
 from .finalize import finalize, fold_batchnorm
 from .find_sites import (
@@ -22,9 +23,12 @@ from .find_sites import (
     get_sites,
 )
 from .insert_masks import MaskedCall, get_masks, insert_masks, masked_calls
+from .shrink_channels import ShrinkReport, shrink_channels
 from .trace import propagate_shapes, trace
 
 __all__ = [
+    "ChannelGraph",
+    "ChannelSpace",
     "ExcludedLayer",
     "MaskedCall",
     "NMCheckEntry",
@@ -32,6 +36,8 @@ __all__ = [
     "NMCompileWarning",
     "PassResult",
     "PrunableSite",
+    "ShrinkReport",
+    "build_channel_graph",
     "check_nm",
     "finalize",
     "find_sites",
@@ -45,5 +51,6 @@ __all__ = [
     "nm_invariant",
     "propagate_shapes",
     "run_passes",
+    "shrink_channels",
     "trace",
 ]

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import lottery, one_shot
+from . import lottery, one_shot, structure
 
-__all__ = ["lottery", "one_shot"]
+__all__ = ["lottery", "one_shot", "structure"]

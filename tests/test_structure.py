@@ -1,0 +1,320 @@
+"""Structural tickets: channel graph, shrink_channels, regroup, block-sparse layers, and the
+imp-refill / imp-refill+ / imp-regroup / group-aware-imp methods."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import nmcompile
+from nmcompile import ConfigError, SupervisedTrainer, data, zoo
+from nmcompile.passes import (
+    build_channel_graph,
+    find_sites,
+    get_masks,
+    insert_masks,
+    shrink_channels,
+    trace,
+)
+from nmcompile.passes.regroup import RegroupSettings, _partition, regroup, regroup_mask
+from nmcompile.runtime import export_onnx, ort_session
+from nmcompile.runtime.block_sparse import BlockSparseConv2d, BlockSparseLinear, to_block_sparse
+
+
+def _trained_bn(model: nn.Module, size: int = 64) -> nn.Module:
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, size, size))
+    return model.eval()
+
+
+# -- channel graph -------------------------------------------------------------------------------
+def test_channel_graph_resnet18():
+    gm = trace(_trained_bn(torchvision.models.resnet18(num_classes=10))).graph_module
+    g = build_channel_graph(gm, (torch.randn(1, 3, 64, 64),))
+    by_producer = {tuple(s.producers): s for s in g.spaces}
+    internal = by_producer[("layer1.0.conv1",)]
+    assert internal.channelwise == ["layer1.0.bn1"]
+    assert [c.module for c in internal.consumers] == ["layer1.0.conv2"] and internal.removable
+    # the residual chain of layer1 ties the stem with both blocks' second convs
+    chain = by_producer[("conv1", "layer1.0.conv2", "layer1.1.conv2")]
+    assert {c.module for c in chain.consumers} == {
+        "layer1.0.conv1",
+        "layer1.1.conv1",
+        "layer2.0.conv1",
+        "layer2.0.downsample.0",
+    }
+    assert g.coupled("layer1.0.conv2") == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    # layer4's chain feeds avgpool -> flatten -> fc (factor 1 after the global pool)
+    last = by_producer[("layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv2")]
+    assert [(c.module, c.factor) for c in last.consumers] == [("layer4.1.conv1", 1), ("fc", 1)]
+    assert by_producer[("fc",)].pinned == ["network output"]
+
+
+def test_channel_graph_mobilenet_depthwise_and_concat_pins():
+    gm = trace(_trained_bn(torchvision.models.mobilenet_v2(num_classes=10))).graph_module
+    g = build_channel_graph(gm, (torch.randn(1, 3, 64, 64),))
+    space = next(s for s in g.spaces if s.producers == ["features.2.conv.0.0"])
+    assert space.channelwise == [
+        "features.2.conv.0.1",
+        "features.2.conv.1.0",
+        "features.2.conv.1.1",
+    ]
+    assert [c.module for c in space.consumers] == ["features.2.conv.2"]
+
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+    gm = trace(Cat()).graph_module
+    g = build_channel_graph(gm, (torch.randn(1, 3, 8, 8),))
+    assert all(not s.removable for s in g.spaces if s.producers in (["a"], ["b"]))
+
+
+def _kill_half(gm, graph, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in graph.spaces:
+            if not s.removable:
+                continue
+            dead = torch.rand(s.size, generator=gen) < 0.5
+            for c in s.consumers:
+                mod = gm.get_submodule(c.module)
+                mod.weight[:, dead.repeat_interleave(c.factor)] = 0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_shrink_channels_is_exact(name, tmp_path):
+    torch.manual_seed(0)
+    gm = trace(_trained_bn(getattr(torchvision.models, name)(num_classes=10))).graph_module
+    x = torch.randn(2, 3, 64, 64)
+    _kill_half(gm, build_channel_graph(gm, (x,)))
+    ref = gm(x)
+    before = sum(p.numel() for p in gm.parameters())
+    res = shrink_channels(gm, (x,))
+    after = sum(p.numel() for p in gm.parameters())
+    assert res.modified and after < 0.6 * before
+    assert torch.allclose(gm(x), ref, atol=1e-4, rtol=1e-4)
+    report = gm.meta["nm_shrink"]
+    assert report.params_before == before and report.params_after == after
+    # a shrunk model is a normal model: it exports and ONNX Runtime agrees
+    e = export_onnx(gm, (x,), tmp_path / "shrunk.onnx")
+    assert e.max_rel_error < 1e-3
+    assert shrink_channels(gm, (x,)).modified is False  # nothing left to remove
+
+
+def test_shrink_channels_on_a_masked_graph_shrinks_masks_too():
+    torch.manual_seed(0)
+    m = zoo.create("cnn", in_channels=1, image_size=8).eval()
+    gm = trace(m).graph_module
+    find_sites(gm)
+    insert_masks(gm)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():  # features.7 stops reading channels 0..39 of features.3's output
+        gm.get_submodule("features.7").weight_mask[:, :40] = False
+    ref = gm(x)
+    shrink_channels(gm, (x,))
+    assert gm.get_submodule("features.3").weight.shape[0] == 24
+    assert gm.get_submodule("features.7").weight_mask.shape == (64, 24, 3, 3)
+    assert get_masks(gm)["features.7.weight"].all()
+    assert torch.allclose(gm(x), ref, atol=1e-5)
+
+
+# -- regroup -------------------------------------------------------------------------------------
+def _structured_mask(rows=96, cols=160, seed=0):
+    """Three hidden dense blocks plus noise: something regroup should find."""
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.rand(rows, cols, generator=gen) < 0.05
+    perm_r = torch.randperm(rows, generator=gen)
+    perm_c = torch.randperm(cols, generator=gen)
+    for i in range(3):
+        r = perm_r[i * 32 : (i + 1) * 32]
+        c = perm_c[i * 40 : (i + 1) * 40]
+        m[r[:, None], c[None, :]] |= torch.rand(32, 40, generator=gen) < 0.9
+    return m
+
+
+def test_regroup_blocks_lie_in_their_parts_and_make_the_mask():
+    mask = _structured_mask()
+    s = RegroupSettings(parts=3, min_rows=8, min_cols=8, seed=0)
+    new, blocks = regroup_mask(mask, s)
+    assert blocks
+    membership = torch.from_numpy(_partition(mask, s))
+    union = torch.zeros_like(mask)
+    for b in blocks:
+        parts = set(membership[b.rows].tolist())
+        assert len(parts) == 1  # every block lies within one part's rows
+        union[b.rows[:, None], b.cols[None, :]] = True
+    assert torch.equal(new, union)  # the mask is exactly the union of the blocks
+    rows = torch.cat([b.rows for b in blocks])
+    assert len(rows) == len(set(rows.tolist()))  # disjoint rows
+    # the planted blocks are recovered: most of the old nonzeros inside blocks stay
+    assert float((new & mask).sum()) / float(mask.sum()) > 0.6
+
+
+def test_regroup_splits_tall_blocks_and_respects_a_budget():
+    mask = _structured_mask(rows=200, cols=160)
+    s = RegroupSettings(parts=6, min_rows=8, min_cols=4, block_rows=16)
+    _, blocks = regroup_mask(mask, s)
+    assert blocks and all(len(b.rows) % 16 == 0 or len(b.rows) < 16 for b in blocks)
+    full = sum(len(b.rows) * len(b.cols) for b in blocks)
+    budget = full // 2
+    new, trimmed = regroup_mask(mask, s, budget=budget)
+    assert trimmed and int(new.sum()) <= budget
+    assert sum(len(b.rows) * len(b.cols) for b in trimmed) == int(new.sum())
+
+
+def test_regroup_without_blocks_keeps_the_mask():
+    mask = torch.rand(10, 40) < 0.3
+    new, blocks = regroup_mask(mask, RegroupSettings(min_rows=16))
+    assert blocks == [] and torch.equal(new, mask)
+
+
+def test_regroup_pass_updates_site_masks():
+    torch.manual_seed(0)
+    gm = trace(zoo.create("resnet20", in_channels=3)).graph_module
+    find_sites(gm)
+    insert_masks(gm)
+    with torch.no_grad():
+        for name, buf in gm.named_buffers():
+            if name.endswith("weight_mask"):
+                buf.copy_(torch.rand(buf.shape) < 0.3)
+    res = regroup(gm, RegroupSettings(parts=2, min_rows=4, min_cols=4))
+    blocks = gm.meta["nm_blocks"]
+    assert res.modified and any(blocks.values())
+    for param, found in blocks.items():
+        mask = gm.get_buffer(param + "_mask").reshape(len(gm.get_parameter(param)), -1)
+        if found:
+            union = torch.zeros_like(mask)
+            for b in found:
+                union[b.rows[:, None], b.cols[None, :]] = True
+            assert torch.equal(mask, union)
+
+
+# -- block-sparse runtime ------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_block_sparse_layers_equal_masked_dense(mode, tmp_path):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(40, 96, 3, padding=1, stride=2)
+    mask, blocks = regroup_mask(
+        _structured_mask(96, 360), RegroupSettings(parts=3, min_rows=8, min_cols=8)
+    )
+    with torch.no_grad():
+        conv.weight.mul_(mask.reshape(conv.weight.shape))
+    x = torch.randn(2, 40, 12, 12)
+    bs = BlockSparseConv2d(conv, blocks, mode=mode)
+    assert torch.allclose(bs(x), conv(x), atol=1e-5)
+    lin = nn.Linear(160, 96)
+    m2, b2 = regroup_mask(_structured_mask(), RegroupSettings(parts=3, min_rows=8, min_cols=8))
+    with torch.no_grad():
+        lin.weight.mul_(m2)
+    xl = torch.randn(4, 7, 160)
+    assert torch.allclose(BlockSparseLinear(lin, b2, mode=mode)(xl), lin(xl), atol=1e-5)
+    e = export_onnx(nn.Sequential(bs, nn.ReLU()).eval(), (x,), tmp_path / "bs.onnx")
+    sess = ort_session(e.path)
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert torch.allclose(got, torch.relu(conv(x)), atol=1e-4)
+
+
+def test_overlapping_blocks_are_refused():
+    lin = nn.Linear(8, 8)
+    with pytest.raises(ConfigError, match="overlap"):
+        BlockSparseLinear(lin, [([0, 1], [0, 1]), ([1, 2], [2, 3])])
+
+
+# -- methods -------------------------------------------------------------------------------------
+def _digits(method, **opts):
+    ds = data.load("digits", batch_size=64, seed=0)
+    torch.manual_seed(0)
+    model = zoo.create("cnn", in_channels=1, image_size=8)
+    trainer = SupervisedTrainer(ds.train, ds.val, lr=0.05, progress=False)
+    r = nmcompile.compile(
+        model,
+        method,
+        example_inputs=(ds.example_input(2),),
+        trainer=trainer,
+        iterations_per_round=40,
+        **opts,
+    )
+    return r, model, ds
+
+
+def test_imp_refill_removes_channels_and_keeps_the_outputs(tmp_path):
+    r, model, ds = _digits("imp-refill", target_sparsity=0.6)
+    assert r.history[-1]["refill"] is True and r.history[-1]["removable_channels"] > 0
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in r.module.parameters())
+    assert after < before and r.shrink.params_after == after
+    assert r.sparsity == pytest.approx(0.6, abs=0.05)  # Alg. 2 keeps the ticket's size
+    x = ds.example_input(8)
+    r.module.eval()
+    r.masked.eval()
+    assert torch.allclose(r.module(x), r.masked(x), atol=1e-4)
+    for name, mask in r.masks.items():  # masks describe the shrunk weights
+        assert mask.shape == r.module.get_parameter(name).shape
+    # kept channels are whole: every row of a refilled layer is all-kept or all-pruned
+    rows = r.masks["features.3.weight"].reshape(r.masks["features.3.weight"].shape[0], -1)
+    assert bool((rows.all(1) | ~rows.any(1)).all())
+    assert r.history[-1]["accuracy"] > 0.5
+    e = r.export_onnx(tmp_path / "refill.onnx")
+    assert e.max_rel_error < 1e-3
+    assert "parameters, channels removed" in r.report()
+
+
+def test_refill_plus_keeps_more_channels():
+    plain, _, _ = _digits("imp-refill", target_sparsity=0.6)
+    plus, _, _ = _digits("imp-refill+", target_sparsity=0.6)
+    assert plus.config.refill_extra == 0.1
+    assert plus.shrink.params_after > plain.shrink.params_after
+    assert plus.sparsity < plain.sparsity
+
+
+@pytest.mark.parametrize("criterion", ["count", "act_l1", "act_l2", "taylor"])
+def test_refill_criteria_run(criterion):
+    r, _, _ = _digits("imp-refill", target_sparsity=0.36, refill_criterion=criterion)
+    assert r.history[-1]["refill"] is True
+
+
+def test_refill_option_errors():
+    with pytest.raises(ConfigError, match=r"IMPRefillConfig.refill_criterion must be one of"):
+        nmcompile.compile(
+            zoo.create("cnn"),
+            "imp-refill",
+            example_inputs=(torch.randn(1, 3, 8, 8),),
+            refill_criterion="magic",
+        )
+
+
+def test_imp_regroup_and_block_sparse_module():
+    r, _, ds = _digits("imp-regroup", target_sparsity=0.8, regroup_min_rows=4, regroup_min_cols=4)
+    blocks = r.diagnostics["blocks"]
+    assert r.history[-1]["regrouped"] is True and any(blocks.values())
+    for param, found in blocks.items():
+        if not found:
+            continue
+        mask = r.masks[param].reshape(r.masks[param].shape[0], -1)
+        union = torch.zeros_like(mask)
+        for rows, cols in found:
+            union[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
+        assert torch.equal(mask, union)
+    fast = to_block_sparse(copy.deepcopy(r.module).eval(), blocks)
+    x = ds.example_input(4)
+    assert torch.allclose(fast(x), r.module.eval()(x), atol=1e-4)
+
+
+def test_group_aware_imp_reaches_the_target_with_block_masks():
+    r, _, _ = _digits(
+        "group-aware-imp", target_sparsity=0.8, regroup_min_rows=4, regroup_min_cols=4
+    )
+    assert r.sparsity >= 0.79
+    assert len(r.history) < 15 and all(h.get("regrouped") for h in r.history[1:])
+    assert np.mean([bool(v) for v in r.diagnostics["blocks"].values()]) > 0
