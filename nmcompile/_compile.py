@@ -287,7 +287,7 @@ def compile(
             f"trainer must implement train(model, iterations, on_step) and evaluate(model); got "
             f"{type(trainer).__name__}"
         )
-    site_pattern = nm if spec.structured else None
+    site_pattern = nm if spec.is_structured(config) else None
 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):

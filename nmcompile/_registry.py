@@ -25,9 +25,13 @@ class MethodSpec:
     name: str
     config_cls: type[MethodConfig]
     run: Callable[[Session, MethodConfig], None]
-    structured: bool  # True: the result satisfies the N:M pattern; False: unstructured
+    # True: the result satisfies the N:M pattern; False: unstructured; or decided by the config
+    structured: bool | Callable[[MethodConfig], bool]
     summary: str
     shrink: bool = False  # channels the method empties are removed from CompileResult.module
+
+    def is_structured(self, config: MethodConfig) -> bool:
+        return bool(self.structured(config) if callable(self.structured) else self.structured)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -37,7 +41,7 @@ def register_method(
     name: str,
     config_cls: type[MethodConfig],
     *,
-    structured: bool,
+    structured: bool | Callable[[MethodConfig], bool],
     summary: str,
     shrink: bool = False,
 ) -> Callable[[Callable], Callable]:

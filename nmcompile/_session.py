@@ -43,6 +43,10 @@ class Session:
         self.flops = flops
         self.history: list[dict[str, Any]] = []
         self.diagnostics: dict[str, Any] = {}  # method-specific run-level results
+        # per-sample FLOPs of a training step when the masks alone do not tell (e.g. a dense
+        # forward with sparse weight updates); None: priced from the masks
+        self.step_flops_override: float | None = None
+        self._samples_seen = 0
         self.train_flops = 0.0
         self.iterations = 0
         self._fallback_batch = fallback_batch
@@ -121,7 +125,9 @@ class Session:
                 seen = self._mask_version
                 per_sample = cost()
             steps += 1
-            self.train_flops += per_sample * info.batch_size
+            self._samples_seen += info.batch_size
+            charge = per_sample if self.step_flops_override is None else self.step_flops_override
+            self.train_flops += charge * info.batch_size
             return on_step(info) if on_step is not None else None
 
         self.trainer.train(self.gm, iterations, hook)
@@ -132,6 +138,10 @@ class Session:
             self.train_flops += per_sample * self._fallback_batch * iterations
         self.iterations += steps
         return steps
+
+    def add_flops(self, flops: float) -> None:
+        """Charge work done outside ``train`` (e.g. an extra dense gradient for RigL)."""
+        self.train_flops += flops
 
     def evaluate(self) -> float | None:
         return None if self.trainer is None else self.trainer.evaluate(self.gm)
@@ -150,13 +160,19 @@ class Session:
         self.history.append(record)
         return record
 
-    def sample_batch(self) -> tuple[tuple[Any, ...], torch.Tensor | None]:
-        """(inputs, targets or None): one training batch when the trainer exposes its
-        ``train_loader``, else the example inputs. Used by data-driven criteria."""
+    def sample_batch(self, index: int = 0) -> tuple[tuple[Any, ...], torch.Tensor | None]:
+        """(inputs, targets or None): training batch ``index`` (mod the epoch) when the trainer
+        exposes its ``train_loader``, else the example inputs. Used by data-driven criteria."""
         loader = getattr(self.trainer, "train_loader", None)
         device = next(self.gm.parameters()).device
         if loader is not None:
-            for batch in loader:
+            n = len(loader) if hasattr(loader, "__len__") else 1
+            it = (
+                loader.iter_from(index % max(n, 1))
+                if hasattr(loader, "iter_from")
+                else iter(loader)
+            )
+            for batch in it:
                 if isinstance(batch, (list, tuple)) and len(batch) == 2:
                     return (batch[0].to(device),), batch[1].to(device)
                 break

@@ -192,7 +192,11 @@ def _methods() -> int:
 
     for name in methods():
         spec = get_method(name)
-        kind = "N:M" if spec.structured else "unstructured"
+        kind = (
+            ("N:M" if spec.structured else "unstructured")
+            if not callable(spec.structured)
+            else "N:M or unstructured"
+        )
         print(f"{name:<12} {kind:<13} {spec.summary}")
     return 0
 
@@ -307,6 +311,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     t_start = time.perf_counter()
     spec = get_method(args.method)  # fail fast on a bad method or pattern, before training
+    structured = spec.is_structured(
+        spec.config_cls.from_options(
+            {k: v for k, v in dict(args.option).items() if k in spec.config_cls.options()}
+        )
+    )
     pattern = NMPattern.parse(args.pattern)
     out = ensure_dir(args.out)
     key = "fashion-mnist" if args.dataset.replace("_", "-") == "fashion-mnist" else args.dataset
@@ -337,7 +346,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     )
     _log(
         f"{args.model} on {args.dataset} ({len(ds.train)} batches/epoch), {args.method} "
-        f"{pattern if spec.structured else 'unstructured'}, output in {out}/"
+        f"{pattern if structured else 'unstructured'}, output in {out}/"
     )
     dense_acc = None
     dense_samples = 0
@@ -478,7 +487,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     lines = [
         f"# nmcompile run: {args.model} on {args.dataset}, {args.method} "
-        f"{pattern if spec.structured else '(unstructured)'}",
+        f"{pattern if structured else '(unstructured)'}",
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}, "
@@ -495,7 +504,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                     fmt_flops(dense_samples * result.flops.train_step()) if pretrain else "-",
                 ],
                 [
-                    f"{args.method} {pattern if spec.structured else ''}".strip(),
+                    f"{args.method} {pattern if structured else ''}".strip(),
                     "-" if sparse_acc is None else f"{100 * sparse_acc:.2f}%",
                     f"{100 * result.sparsity:.1f}%",
                     fmt_flops(result.history[-1]["train_flops"]),

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import lottery, one_shot, structure
+from . import channels, lottery, one_shot, prune_grow, structure
 
-__all__ = ["lottery", "one_shot", "structure"]
+__all__ = ["channels", "lottery", "one_shot", "prune_grow", "structure"]

@@ -1,0 +1,585 @@
+"""Exploit / explore prune-grow (IEE, "Advancing weight and channel sparsification with enhanced
+saliency", Alg. 1) and the dynamic / static sparse-training baselines RigL, SET and static.
+
+All train one run of ``total_iterations`` from a sparse start at the budget (uniform or ERK layer
+densities, or exactly N of every M). IEE repeats, every ``H + J + Q`` iterations until 3/4 of
+training, the step
+
+1. *importance estimation*: train the active weights Theta_K for H iterations;
+2. *prune*: move the ``Omega_t`` least important active weights of each layer to the exploration
+   space Theta_P;
+3. *accuracy improvement*: train the (smaller) Theta_K for J iterations;
+4. *reactivate & explore*: turn every weight of Theta_P on, with its most recently used (MRU)
+   value, and train them for Q iterations with Theta_K frozen (a dense forward, sparse updates);
+5. *grow*: move the ``Omega_t`` most important weights of Theta_P back into Theta_K.
+
+Inactive weights keep their values exactly while off (restored after every optimizer step, so
+weight decay and momentum cannot drift them), which is what MRU initialisation needs; frozen
+weights are restored the same way during exploration. ``Omega_t`` starts at 0.3 of the active
+weights and decays (cosine by default; the exponential schedule of the paper's reference [6] is
+available). The budget is the same before and after every step; with an N:M pattern pruning and
+growing happen inside groups, so every group keeps exactly N after each step.
+
+Importance is |w| (magnitude). RigL drops by magnitude and grows by the dense gradient (zero
+init); SET grows at random (zero init); static never changes its random mask.
+
+Training FLOPs are counted per step from the active structure (3 zeta_P), and ``2 zeta_P +
+zeta_D`` for exploration steps; the diagnostics also give the paper's appendix formula
+``3/4 ((H + J) 3 zeta_P + Q (2 zeta_P + zeta_D)) / (H + J + Q) + 1/4 * 3 zeta_P`` per sample.
+Metrics (Fig. 5): IoU of the active structure between consecutive steps after prune and after
+grow, and the survival rate of grown weights through the next prune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._budgets import layer_densities
+from .._config import MethodConfig, check_float, check_int
+from .._errors import ConfigError
+from .._pattern import NMPattern, group_view
+from .._registry import register_method
+from .._session import Session
+from .._trainer import StepInfo
+
+__all__ = ["IEEConfig", "RigLConfig", "SETConfig", "StaticConfig"]
+
+_BUDGETS = ("uniform", "erk")
+_DECAYS = ("cosine", "exponential", "constant")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _SparseTrainingConfig(MethodConfig):
+    """``target_sparsity``: unstructured at this global sparsity (layer split by
+    ``layer_budget``); None: the compile ``pattern`` (N:M)."""
+
+    total_iterations: int = 3000
+    target_sparsity: float | None = None
+    layer_budget: str = "uniform"
+
+    def validate(self) -> None:
+        check_int(self, "total_iterations", 1)
+        if self.target_sparsity is not None:
+            check_float(self, "target_sparsity", 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.layer_budget not in _BUDGETS:
+            raise ConfigError(
+                f"{type(self).__name__}.layer_budget must be one of "
+                f"{list(_BUDGETS)}, got {self.layer_budget!r}"
+            )
+
+    @property
+    def structured(self) -> bool:
+        return self.target_sparsity is None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _UpdatingConfig(_SparseTrainingConfig):
+    update_fraction: float = 0.3  # Omega_0, as a fraction of the active weights
+    update_decay: str = "cosine"
+    stop_fraction: float = 0.75  # updates stop at this fraction of training
+
+    def validate(self) -> None:
+        super().validate()
+        check_float(self, "update_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+        check_float(self, "stop_fraction", 0.0, 1.0, lo_open=True)
+        if self.update_decay not in _DECAYS:
+            raise ConfigError(
+                f"{type(self).__name__}.update_decay must be one of "
+                f"{list(_DECAYS)}, got {self.update_decay!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _LatencyOptions:
+    latency_budget: float | None = None
+    latency_backend: str = "torch"
+    latency_cache: str | None = None
+    channel_step: int = 8
+
+    def _check_latency(self) -> None:
+        if self.latency_budget is not None:
+            check_float(self, "latency_budget", 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.latency_backend not in ("torch", "ort"):
+            raise ConfigError(
+                f"{type(self).__name__}.latency_backend must be 'torch' or 'ort', "
+                f"got {self.latency_backend!r}"
+            )
+        check_int(self, "channel_step", 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IEEConfig(_LatencyOptions, _UpdatingConfig):
+    """IEE. ``update_period = (H, J, Q)``: iterations of importance estimation, accuracy
+    improvement and reactivate & explore per step (the paper uses 150 each on ImageNet).
+    ``latency_budget`` (a fraction of the full model's measured latency) switches to channel
+    sparsity with a HALP-style knapsack; see ``_methods/channels.py``."""
+
+    update_period: tuple[int, int, int] = (100, 100, 100)
+
+    @property
+    def structured(self) -> bool:
+        return self.target_sparsity is None and self.latency_budget is None
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_latency()
+        if self.latency_budget is not None and self.target_sparsity is not None:
+            raise ConfigError(
+                "IEEConfig: give target_sparsity (weights) or latency_budget (channels), not both"
+            )
+        ok = (
+            isinstance(self.update_period, (tuple, list))
+            and len(self.update_period) == 3
+            and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                for x in self.update_period
+            )
+        )
+        if not ok:
+            raise ConfigError(
+                f"IEEConfig.update_period must be three ints >= 1 (H, J, Q), got "
+                f"{self.update_period!r}"
+            )
+        object.__setattr__(self, "update_period", tuple(self.update_period))
+        if sum(self.update_period) > self.total_iterations:
+            raise ConfigError(
+                f"IEEConfig.update_period {self.update_period} spans more than total_iterations "
+                f"= {self.total_iterations}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RigLConfig(_UpdatingConfig):
+    """RigL: every ``update_interval`` iterations drop by |w|, grow by |dense gradient|."""
+
+    update_interval: int = 100
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "update_interval", 1, self.total_iterations)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SETConfig(RigLConfig):
+    """SET: drop by |w|, grow at random."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StaticConfig(_SparseTrainingConfig):
+    """Static sparse training: one random mask at the budget, never updated."""
+
+
+def omega(config: _UpdatingConfig, t: int, steps: int) -> float:
+    """Fraction of the active weights moved at update step ``t`` of ``steps``."""
+    f0 = config.update_fraction
+    if config.update_decay == "constant" or steps <= 1:
+        return f0
+    x = t / steps
+    if config.update_decay == "cosine":
+        return f0 * 0.5 * (1.0 + math.cos(math.pi * x))
+    return f0 * (0.01**x)  # exponential: geometric decay to 1% of Omega_0
+
+
+# -- masks ---------------------------------------------------------------------------------------
+class _Structure:
+    """The active structure Theta_K (per-site bool masks) and its bookkeeping."""
+
+    def __init__(self, session: Session, config: _SparseTrainingConfig) -> None:
+        self.session = session
+        self.config = config
+        self.pattern: NMPattern | None = session.pattern if config.structured else None
+        if config.structured and self.pattern is None:
+            raise ConfigError(f"{config.name} without target_sparsity needs an N:M pattern")
+        self.sites = session.sites
+        self.gen = torch.Generator().manual_seed(config.seed)
+        densities = (
+            [self.pattern.density] * len(self.sites)
+            if self.pattern
+            else layer_densities(
+                [s.shape for s in self.sites], config.target_sparsity, config.layer_budget
+            )
+        )
+        self.density = {s.param: d for s, d in zip(self.sites, densities)}
+        self.active = {s.param: self._random_mask(s) for s in self.sites}
+        self.saved = {s.param: session.weight(s).detach().clone() for s in self.sites}
+        self.frozen: dict[str, torch.Tensor] | None = None
+        self.apply(self.active)
+
+    def _random_mask(self, site) -> torch.Tensor:
+        w = self.session.weight(site)
+        scores = torch.rand(site.shape, generator=self.gen).to(w.device)
+        if self.pattern is not None:
+            return self.pattern.mask(scores)
+        k = round(self.density[site.param] * site.numel)
+        flat = torch.zeros(site.numel, dtype=torch.bool, device=w.device)
+        flat[scores.reshape(-1).topk(k).indices] = True
+        return flat.reshape(site.shape)
+
+    def apply(self, masks: dict[str, torch.Tensor]) -> None:
+        for s in self.sites:
+            self.session.set_mask(s, masks[s.param])
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {s.param: self.session.weight(s) for s in self.sites}
+
+    def save(self, which: dict[str, torch.Tensor]) -> None:
+        """Remember the current values of the entries in ``which``."""
+        with torch.no_grad():
+            for p, w in self.weights().items():
+                self.saved[p] = torch.where(which[p], w.detach(), self.saved[p])
+
+    def restore(self, which: dict[str, torch.Tensor]) -> None:
+        """Put back the remembered values of the entries in ``which``."""
+        with torch.no_grad():
+            for p, w in self.weights().items():
+                w.copy_(torch.where(which[p], self.saved[p], w))
+
+    def inactive(self) -> dict[str, torch.Tensor]:
+        return {p: ~m for p, m in self.active.items()}
+
+    def count(self) -> int:
+        return sum(int(m.sum()) for m in self.active.values())
+
+    # -- prune / grow, per layer (or per group for N:M) ------------------------------------------
+    def prune(self, scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+        """Deactivate the lowest-scored ``fraction`` of each layer's active weights (N:M: in
+        that many groups, each losing its lowest active weight). Returns what was pruned."""
+        pruned = {}
+        for s in self.sites:
+            act, sc = self.active[s.param], scores[s.param].float()
+            if self.pattern is not None:
+                m = self.pattern.m
+                groups = group_view(act, m)
+                cand = torch.where(
+                    group_view(act, m),
+                    group_view(sc, m),
+                    torch.full_like(group_view(sc, m), float("inf")),
+                )
+                low, pos = cand.min(dim=2)  # [pre, G, post]
+                k = round(fraction * low.numel())
+                out = torch.zeros_like(groups)
+                if k:
+                    flat = low.reshape(-1)
+                    chosen = torch.zeros_like(flat, dtype=torch.bool)
+                    chosen[flat.topk(k, largest=False).indices] = True
+                    chosen = chosen.reshape(low.shape)
+                    out.scatter_(2, pos.unsqueeze(2), chosen.unsqueeze(2))
+                p_mask = out.reshape(act.shape)
+            else:
+                k = round(fraction * int(act.sum()))
+                p_mask = torch.zeros_like(act)
+                if k:
+                    flat = torch.where(act, sc, torch.full_like(sc, float("inf"))).reshape(-1)
+                    p_mask.view(-1)[flat.topk(k, largest=False).indices] = True
+            pruned[s.param] = p_mask
+            self.active[s.param] = act & ~p_mask
+        return pruned
+
+    def grow(
+        self, scores: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Activate the highest-scored inactive weights: as many per layer as ``counts`` pruned
+        (N:M: one in each group that lost one), keeping the budget."""
+        grown = {}
+        for s in self.sites:
+            act, sc = self.active[s.param], scores[s.param].float()
+            lost = counts[s.param]
+            g_mask = torch.zeros_like(act)
+            if self.pattern is not None:
+                m = self.pattern.m
+                need = group_view(lost, m).any(dim=2)  # groups that lost one
+                cand = torch.where(
+                    group_view(act, m),
+                    torch.full_like(group_view(sc, m), float("-inf")),
+                    group_view(sc, m),
+                )
+                _, pos = cand.max(dim=2)
+                out = torch.zeros_like(group_view(act, m))
+                out.scatter_(2, pos.unsqueeze(2), need.unsqueeze(2))
+                g_mask = out.reshape(act.shape)
+            else:
+                k = int(lost.sum())
+                if k:
+                    flat = torch.where(act, torch.full_like(sc, float("-inf")), sc).reshape(-1)
+                    g_mask.view(-1)[flat.topk(k).indices] = True
+            grown[s.param] = g_mask
+            self.active[s.param] = act | g_mask
+        return grown
+
+
+def _iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    inter = sum(int((a[k] & b[k]).sum()) for k in a)
+    union = sum(int((a[k] | b[k]).sum()) for k in a)
+    return inter / union if union else 1.0
+
+
+def _copy(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in masks.items()}
+
+
+def _magnitude(st: _Structure) -> dict[str, torch.Tensor]:
+    return {p: w.detach().abs() for p, w in st.weights().items()}
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.iou_prune: list[float] = []
+        self.iou_grow: list[float] = []
+        self.survival: list[float] = []
+        self._after_prune: dict | None = None
+        self._after_grow: dict | None = None
+        self._grown: dict | None = None
+
+    def after_prune(self, active: dict) -> None:
+        if self._after_prune is not None:
+            self.iou_prune.append(_iou(self._after_prune, active))
+        if self._grown is not None:
+            grown = sum(int(g.sum()) for g in self._grown.values())
+            alive = sum(int((g & active[k]).sum()) for k, g in self._grown.items())
+            self.survival.append(alive / grown if grown else 1.0)
+        self._after_prune = _copy(active)
+
+    def after_grow(self, active: dict, grown: dict) -> None:
+        if self._after_grow is not None:
+            self.iou_grow.append(_iou(self._after_grow, active))
+        self._after_grow = _copy(active)
+        self._grown = _copy(grown)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "iou_after_prune": self.iou_prune,
+            "iou_after_grow": self.iou_grow,
+            "grown_survival": self.survival,
+        }
+
+
+# -- IEE -----------------------------------------------------------------------------------------
+def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | None = None) -> None:
+    st = _Structure(session, config)
+    h, j, q = config.update_period
+    period = h + j + q
+    steps = int(config.stop_fraction * config.total_iterations) // period
+    metrics = _Metrics()
+    budget = st.count()
+    flops_model = session.flops
+    zeta_d = flops_model.dense
+    state: dict[str, Any] = {"t": 0, "phase": "estimate", "pruned": None}
+    log: list[dict[str, Any]] = []
+
+    def zeta(masks: dict[str, torch.Tensor]) -> float:
+        return flops_model.forward({p: float(m.float().mean()) for p, m in masks.items()})
+
+    zeta_budget = zeta(st.active)
+
+    def explore_cost() -> float:
+        return 2.0 * zeta(st.active) + zeta_d
+
+    def on_step(info: StepInfo) -> None:
+        i = info.iteration
+        phase = state["phase"]
+        # keep what must not move: inactive weights (MRU values) or, exploring, Theta_K
+        st.restore(st.active if phase == "explore" else st.inactive())
+        t = state["t"]
+        if t >= steps:
+            return
+        pos = (i - 1) % period
+        if pos == h - 1:  # end of importance estimation: prune
+            frac = omega(config, t, steps)
+            state["pruned"] = st.prune(_magnitude(st), frac)
+            st.save(st.inactive())
+            st.apply(st.active)
+            metrics.after_prune(st.active)
+            state["phase"] = "improve"
+            state["omega"] = frac
+            state["zeta_pruned"] = zeta(st.active)
+        elif pos == h + j - 1:  # reactivate & explore: everything on, Theta_K frozen
+            st.save(st.active)
+            st.apply({p: torch.ones_like(m) for p, m in st.active.items()})
+            session.step_flops_override = explore_cost()
+            state["phase"] = "explore"
+        elif pos == period - 1:  # grow, then back to estimation
+            inactive = st.inactive()
+            scores = {
+                p: torch.where(inactive[p], s, torch.zeros_like(s))
+                for p, s in _magnitude(st).items()
+            }
+            grown = st.grow(scores, state["pruned"])
+            st.save(st.inactive())
+            st.apply(st.active)
+            session.step_flops_override = None
+            metrics.after_grow(st.active, grown)
+            log.append(
+                {
+                    "step": t,
+                    "iteration": i,
+                    "omega": state["omega"],
+                    "moved": sum(int(g.sum()) for g in grown.values()),
+                    "active": st.count(),
+                    "zeta_pruned": state["zeta_pruned"],
+                }
+            )
+            if st.count() != budget:
+                raise AssertionError(f"IEE budget drifted: {st.count()} != {budget}")
+            state["t"] = t + 1
+            state["phase"] = "estimate"
+
+    session.train(config.total_iterations, on_step)
+    if state["phase"] != "estimate":  # training ended inside a step: settle on Theta_K
+        st.restore(st.active if state["phase"] == "explore" else st.inactive())
+        st.apply(st.active)
+        session.step_flops_override = None
+    # The appendix formula takes zeta_P constant; while Theta_K is pruned (J and Q iterations)
+    # it is smaller, which the exact version below follows step by step.
+    total = config.total_iterations
+    paper = (
+        config.stop_fraction * ((h + j) * 3 * zeta_budget + q * (2 * zeta_budget + zeta_d)) / period
+        + (1 - config.stop_fraction) * 3 * zeta_budget
+    )
+    exact = sum(
+        h * 3 * zeta_budget + j * 3 * s["zeta_pruned"] + q * (2 * s["zeta_pruned"] + zeta_d)
+        for s in log
+    )
+    exact = (exact + (total - len(log) * period) * 3 * zeta_budget) / total
+    session.diagnostics.update(
+        iee_steps=log,
+        **metrics.to_json(),
+        flops_paper_formula_per_sample=paper,
+        flops_exact_formula_per_sample=exact,
+        flops_counter_per_sample=session.train_flops / max(1, session._samples_seen),
+    )
+    session.end_round(phase="sparse training", update_steps=state["t"])
+
+
+@register_method(
+    "iee",
+    IEEConfig,
+    structured=lambda c: c.structured,
+    shrink=True,
+    summary="exploit/explore prune-grow (IEE): weights, N:M, or channels to a latency budget",
+)
+def run_iee(session: Session, config: IEEConfig) -> None:
+    if config.latency_budget is not None:
+        from .channels import run_channel_iee
+
+        run_channel_iee(session, config)
+    else:
+        run_iee_schedule(session, config)
+
+
+# -- RigL / SET / static -------------------------------------------------------------------------
+def _dense_gradient(session: Session, st: _Structure, batch_index: int) -> dict[str, torch.Tensor]:
+    """dL/d(w * m) at the current sparse point, on one training batch."""
+    gm = session.gm
+    x, y = session.sample_batch(batch_index)
+    weights = st.weights()
+    keep = {p: w.detach().clone() for p, w in weights.items()}
+    with torch.no_grad():
+        for p, w in weights.items():
+            w.mul_(st.active[p])
+    st.apply({p: torch.ones_like(m) for p, m in st.active.items()})
+    try:
+        gm.zero_grad(set_to_none=True)
+        out = gm(*x)
+        loss = (
+            torch.nn.functional.cross_entropy(out, y)
+            if y is not None
+            else out.float().pow(2).mean()
+        )
+        loss.backward()
+        grads = {
+            p: (w.grad.detach().clone() if w.grad is not None else torch.zeros_like(w))
+            for p, w in weights.items()
+        }
+    finally:
+        gm.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, w in weights.items():
+                w.copy_(keep[p])
+        st.apply(st.active)
+    n = x[0].shape[0] if x and hasattr(x[0], "shape") else 1
+    session.add_flops(3.0 * session.flops.dense * n)
+    return grads
+
+
+def _run_drop_grow(session: Session, config: RigLConfig, grow_rule: str) -> None:
+    st = _Structure(session, config)
+    interval = config.update_interval
+    steps = int(config.stop_fraction * config.total_iterations) // interval
+    metrics = _Metrics()
+    budget = st.count()
+    state = {"t": 0}
+
+    def on_step(info: StepInfo) -> None:
+        st.restore(st.inactive())
+        t = state["t"]
+        if t >= steps or info.iteration % interval:
+            return
+        frac = omega(config, t, steps)
+        pruned = st.prune(_magnitude(st), frac)
+        metrics.after_prune(st.active)
+        if grow_rule == "gradient":
+            scores = {p: g.abs() for p, g in _dense_gradient(session, st, info.iteration).items()}
+        else:
+            scores = {
+                p: torch.rand(m.shape, generator=st.gen).to(m.device) for p, m in st.active.items()
+            }
+        inactive = st.inactive()
+        scores = {
+            p: torch.where(inactive[p], s, torch.full_like(s, float("-inf")))
+            for p, s in scores.items()
+        }
+        grown = st.grow(scores, pruned)
+        with torch.no_grad():  # grown connections start from zero (RigL / SET)
+            for p, w in st.weights().items():
+                w.masked_fill_(grown[p], 0.0)
+        st.save(st.inactive())
+        st.apply(st.active)
+        metrics.after_grow(st.active, grown)
+        if st.count() != budget:
+            raise AssertionError(f"{config.name} budget drifted: {st.count()} != {budget}")
+        state["t"] = t + 1
+
+    session.train(config.total_iterations, on_step)
+    session.diagnostics.update(metrics.to_json())
+    session.end_round(phase="sparse training", update_steps=state["t"])
+
+
+@register_method(
+    "rigl",
+    RigLConfig,
+    structured=lambda c: c.structured,
+    summary="RigL: drop by magnitude, grow by dense gradient",
+)
+def run_rigl(session: Session, config: RigLConfig) -> None:
+    _run_drop_grow(session, config, "gradient")
+
+
+@register_method(
+    "set",
+    SETConfig,
+    structured=lambda c: c.structured,
+    summary="SET: drop by magnitude, grow at random",
+)
+def run_set(session: Session, config: SETConfig) -> None:
+    _run_drop_grow(session, config, "random")
+
+
+@register_method(
+    "static",
+    StaticConfig,
+    structured=lambda c: c.structured,
+    summary="static sparse training: a fixed random mask at the budget",
+)
+def run_static(session: Session, config: StaticConfig) -> None:
+    st = _Structure(session, config)
+
+    def on_step(info: StepInfo) -> None:
+        st.restore(st.inactive())
+
+    session.train(config.total_iterations, on_step)
+    session.end_round(phase="sparse training")

@@ -1,0 +1,336 @@
+"""IEE, RigL, SET, static: budgets, freezing, MRU values, N:M, FLOPs, metrics; knapsack; LUT;
+latency-constrained channels."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nmcompile
+from nmcompile import ConfigError, NMPattern, StepInfo, SupervisedTrainer, data, zoo
+from nmcompile._budgets import layer_densities
+from nmcompile._knapsack import choose_channels, knapsack
+from nmcompile._pattern import nm_group_counts
+from nmcompile.data import TensorLoader
+from nmcompile.runtime.latency_lut import LatencyLUT, LayerShape
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(16, 64),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
+        nn.Linear(32, 4),
+    )
+
+
+class Watcher:
+    """SGD trainer that snapshots weights and masks after every step (after on_step ran)."""
+
+    def __init__(self, batch: int = 8):
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(256, 16, generator=gen)
+        self.y = torch.randint(0, 4, (256,), generator=gen)
+        self.batch = batch
+        self.trace: list[dict] = []
+
+    def train(self, model, iterations, on_step=None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        for i in range(iterations):
+            idx = torch.arange(i * self.batch, (i + 1) * self.batch) % 256
+            loss = nn.functional.cross_entropy(model(self.x[idx]), self.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if on_step is not None:
+                on_step(StepInfo(i + 1, self.batch, loss.detach(), 0.05))
+            state = model.state_dict()
+            self.trace.append(
+                {
+                    k: v.clone()
+                    for k, v in state.items()
+                    if k.endswith("weight") or k.endswith("weight_mask")
+                }
+            )
+
+    def evaluate(self, model):
+        return 0.5
+
+
+X = torch.randn(8, 16)
+H, J, Q = 4, 3, 5
+SITES = ["2.weight", "4.weight"]
+
+
+def _iee(**kw):
+    w = Watcher()
+    r = nmcompile.compile(
+        _net(),
+        "iee",
+        "2:4",
+        example_inputs=(X,),
+        trainer=w,
+        total_iterations=96,
+        update_period=(H, J, Q),
+        **kw,
+    )
+    return r, w
+
+
+def _phase(i: int) -> str:  # i: 1-based iteration, for steps before the updates stop
+    pos = (i - 1) % (H + J + Q)
+    return "estimate" if pos < H else "improve" if pos < H + J else "explore"
+
+
+def test_iee_budget_is_the_same_before_and_after_every_step():
+    r, w = _iee(target_sparsity=0.8)
+    log = r.diagnostics["iee_steps"]
+    assert len(log) == int(0.75 * 96) // (H + J + Q) == 6
+    assert len({s["active"] for s in log}) == 1
+    for snap in w.trace[H + J + Q - 1 :: H + J + Q]:  # right after each grow
+        for p in SITES:
+            assert int(snap[p + "_mask"].sum()) == round(0.2 * snap[p].numel())
+
+
+def test_iee_explore_freezes_active_weights_and_trains_the_rest():
+    _, w = _iee(target_sparsity=0.8)
+    period = H + J + Q
+    start = H + J  # exploration starts after iteration H + J (trace index H + J - 1)
+    before = w.trace[start - 1]  # weights when exploring starts; masks already all on
+    active = {p: w.trace[start - 2][p + "_mask"] for p in SITES}  # Theta_K after the prune
+    assert not bool(active["2.weight"].all())
+    for k in range(start, start + Q):
+        snap = w.trace[k]
+        for p in SITES:
+            if k < start + Q - 1:
+                assert bool(snap[p + "_mask"].all())  # everything reactivated
+            assert torch.equal(snap[p][active[p]], before[p][active[p]])
+    moved = w.trace[start + Q - 1]["2.weight"][~active["2.weight"]]
+    assert not torch.equal(moved, before["2.weight"][~active["2.weight"]])
+    assert period == start + Q
+
+
+def test_iee_grown_weights_keep_their_mru_values():
+    _, w = _iee(target_sparsity=0.8)
+    end = H + J + Q  # iteration of the first grow
+    grown_state = w.trace[end - 1]
+    prev_active = w.trace[H + J - 2]["2.weight_mask"]  # Theta_K during accuracy improvement
+    now_active = grown_state["2.weight_mask"]
+    grown = now_active & ~prev_active
+    assert grown.any()
+    vals = grown_state["2.weight"][grown]
+    assert bool((vals != 0).all())  # MRU values, not RigL's zeros
+    # while inactive (the next estimation phase) weights do not move at all
+    inactive = ~now_active
+    for k in range(end, end + H):
+        assert torch.equal(w.trace[k]["2.weight"][inactive], grown_state["2.weight"][inactive])
+
+
+def test_nm_iee_keeps_n_per_group_after_every_step():
+    r, w = _iee()
+    assert r.pattern == NMPattern(2, 4)
+    for i, snap in enumerate(w.trace, start=1):
+        # the snapshot after iteration i holds the masks iteration i + 1 trains with
+        phase = _phase(i + 1) if i < 72 else "estimate"
+        if phase == "explore":
+            continue  # exploring: every weight on, by design
+        for p in SITES:
+            counts = nm_group_counts(snap[p + "_mask"], 4)
+            if phase == "improve":
+                assert int(counts.max()) <= 2 and int(counts.min()) >= 1
+            else:
+                assert bool((counts == 2).all()), (i, p)
+
+
+def test_iee_flops_counter_matches_the_appendix_formula():
+    ds = data.load("digits", batch_size=32, seed=0)
+    loader = TensorLoader(ds.train.x, ds.train.y, 32, shuffle=True, drop_last=True)
+    trainer = SupervisedTrainer(loader, ds.val, lr=0.05, progress=False)
+    r = nmcompile.compile(
+        zoo.create("cnn", in_channels=1, image_size=8),
+        "iee",
+        example_inputs=(ds.example_input(2),),
+        trainer=trainer,
+        total_iterations=120,
+        target_sparsity=0.8,
+        update_period=(10, 10, 10),
+    )
+    d = r.diagnostics
+    assert d["flops_counter_per_sample"] == pytest.approx(
+        d["flops_exact_formula_per_sample"], rel=1e-7
+    )
+    assert d["flops_counter_per_sample"] == pytest.approx(
+        d["flops_paper_formula_per_sample"], rel=0.1
+    )
+    assert r.history[-1]["train_flops"] == pytest.approx(d["flops_counter_per_sample"] * 120 * 32)
+
+
+def test_iee_metrics_and_rigl_survival():
+    r, _ = _iee(target_sparsity=0.8)
+    d = r.diagnostics
+    assert len(d["iou_after_prune"]) == len(d["iou_after_grow"]) == 5
+    assert all(
+        0 <= x <= 1 for x in d["iou_after_prune"] + d["iou_after_grow"] + d["grown_survival"]
+    )
+    w = Watcher()
+    rigl = nmcompile.compile(
+        _net(),
+        "rigl",
+        example_inputs=(X,),
+        trainer=w,
+        total_iterations=96,
+        target_sparsity=0.8,
+        update_interval=12,
+    )
+    assert rigl.history[-1]["update_steps"] == 6
+    assert len(rigl.diagnostics["grown_survival"]) == 5
+    # RigL starts grown connections at zero
+    before, after = w.trace[10]["2.weight_mask"], w.trace[11]["2.weight_mask"]
+    grown = after & ~before
+    assert grown.any() and bool((w.trace[11]["2.weight"][grown] == 0).all())
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "static"])
+def test_baselines_keep_the_budget_and_nm(method):
+    w = Watcher()
+    r = nmcompile.compile(
+        _net(),
+        method,
+        "1:4",
+        example_inputs=(X,),
+        trainer=w,
+        total_iterations=48,
+        **({} if method == "static" else {"update_interval": 8}),
+    )
+    for snap in w.trace:
+        for p in SITES:
+            assert bool((nm_group_counts(snap[p + "_mask"], 4) == 1).all())
+    assert r.sparsity == pytest.approx(0.75)
+
+
+def test_erk_layer_budget():
+    shapes = [(64, 16), (64, 64), (32, 64), (256, 256)]
+    d = layer_densities(shapes, 0.8, "erk")
+    sizes = [a * b for a, b in shapes]
+    assert sum(x * n for x, n in zip(d, sizes)) == pytest.approx(0.2 * sum(sizes))
+    assert d[3] < d[1] < d[0]  # bigger layers sparser
+    assert all(0 < x <= 1 for x in d)
+    assert layer_densities(shapes, 0.8, "uniform") == [pytest.approx(0.2)] * 4
+    r = nmcompile.compile(
+        _net(),
+        "static",
+        example_inputs=(X,),
+        total_iterations=1,
+        target_sparsity=0.9,
+        layer_budget="erk",
+    )
+    assert r.sparsity == pytest.approx(0.9, abs=0.01)
+
+
+def test_sparse_training_option_errors():
+    with pytest.raises(ConfigError, match=r"IEEConfig.update_period must be three ints"):
+        nmcompile.compile(_net(), "iee", example_inputs=(X,), update_period=(1, 2))
+    with pytest.raises(ConfigError, match=r"not both"):
+        nmcompile.compile(
+            _net(), "iee", example_inputs=(X,), target_sparsity=0.5, latency_budget=0.5
+        )
+    with pytest.raises(ConfigError, match=r"layer_budget must be one of"):
+        nmcompile.compile(_net(), "rigl", example_inputs=(X,), layer_budget="random")
+
+
+# -- knapsack --------------------------------------------------------------------------------------
+def _brute(values, costs, budget):
+    best, arg = -1.0, None
+    for pick in itertools.product(*[range(len(v)) for v in values]):
+        c = sum(costs[g][k] for g, k in enumerate(pick))
+        v = sum(values[g][k] for g, k in enumerate(pick))
+        if c <= budget + 1e-12 and v > best:
+            best, arg = v, pick
+    return best, arg
+
+
+def test_knapsack_matches_brute_force_on_small_cases():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        groups = rng.integers(1, 4)
+        values, costs = [], []
+        for _ in range(groups):
+            k = rng.integers(2, 5)
+            values.append(np.concatenate([[0], np.cumsum(rng.random(k - 1))]))
+            costs.append(np.concatenate([[0], np.cumsum(rng.integers(1, 5, k - 1))]).astype(float))
+        budget = float(rng.integers(1, 12))
+        best, _ = _brute(values, costs, budget)
+        pick = knapsack(values, costs, budget, resolution=int(budget))  # integer costs: exact
+        got = sum(values[g][k] for g, k in enumerate(pick))
+        assert got == pytest.approx(best)
+        assert sum(costs[g][k] for g, k in enumerate(pick)) <= budget
+
+
+def test_choose_channels_hand_checked():
+    # two layers: channels of layer A cost 1 each, of layer B 2 each; budget 4
+    imp = [np.array([5.0, 1.0, 3.0]), np.array([4.0, 0.5])]
+    curves = [[0, 1, 2, 3], [0, 2, 4]]
+    keep = choose_channels(imp, curves, 4.0, resolution=4)
+    # best: A's top two (5 + 3, cost 2) + B's top one (4, cost 2) = 12
+    assert keep[0].tolist() == [True, False, True] and keep[1].tolist() == [True, False]
+
+
+# -- latency LUT + channels --------------------------------------------------------------------------
+def test_latency_lut_measures_once_and_caches(tmp_path):
+    path = tmp_path / "lut.json"
+    shape = LayerShape("conv", 2, 8, (3, 3), (1, 1), (1, 1), 1, (8, 8))
+    lut = LatencyLUT(path, repeat=5)
+    curve = lut.sweep(shape, 16, 8)
+    assert len(curve) == 17 and curve[0] == 0 and curve[16] > 0 and lut.measured == 2
+    again = LatencyLUT(path, repeat=5)
+    assert np.allclose(again.sweep(shape, 16, 8), curve) and again.measured == 0
+    path.write_text("{not json")
+    assert LatencyLUT(path).table == {}  # a corrupt cache is rebuilt, not trusted
+    ort = LatencyLUT(None, backend="ort", repeat=3)
+    assert ort.latency(LayerShape("linear", 4, 32), 16) > 0
+
+
+def test_channel_iee_meets_the_latency_budget_and_shrinks(tmp_path):
+    ds = data.load("digits", batch_size=64, seed=0)
+    torch.manual_seed(0)
+    model = zoo.create("resnet20", in_channels=1, image_size=8)
+    trainer = SupervisedTrainer(ds.train, ds.val, lr=0.05, progress=False)
+    r = nmcompile.compile(
+        model,
+        "iee",
+        example_inputs=(ds.example_input(2),),
+        trainer=trainer,
+        total_iterations=90,
+        latency_budget=0.5,
+        update_period=(10, 10, 10),
+        latency_cache=str(tmp_path / "lut.json"),
+    )
+    d = r.diagnostics
+    assert d["latency_estimate_ms"] <= d["latency_budget_ms"] * 1.0001
+    assert len(d["channel_steps"]) == 2
+    assert r.shrink.params_after < r.shrink.params_before
+    x = ds.example_input(4)
+    assert torch.allclose(r.module.eval()(x), r.masked.eval()(x), atol=1e-4)
+    taylor = nmcompile.compile(
+        zoo.create("resnet20", in_channels=1, image_size=8),
+        "channel-taylor",
+        example_inputs=(ds.example_input(2),),
+        trainer=trainer,
+        latency_budget=0.5,
+        pretrain_iterations=30,
+        finetune_iterations=10,
+        taylor_iterations=10,
+        latency_cache=str(tmp_path / "lut.json"),
+    )
+    assert (
+        taylor.diagnostics["latency_estimate_ms"]
+        <= taylor.diagnostics["latency_budget_ms"] * 1.0001
+    )
