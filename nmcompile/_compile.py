@@ -313,7 +313,13 @@ def compile(
                 f"({reasons}). Use prune_stem=True / prune_classifier=True, or include=[...]"
             )
         flops = FlopModel.build(gm, inputs)
-        gm = run_passes(gm, [insert_masks], check_modified=opts.debug).graph_module
+        factory = spec.masker(config, site_pattern) if spec.masker is not None else None
+
+        def insert_masks_(g: fx.GraphModule):
+            return insert_masks(g, mask_module=factory)
+
+        insert_masks_.__name__ = "insert_masks"
+        gm = run_passes(gm, [insert_masks_], check_modified=opts.debug).graph_module
         session = Session(
             gm,
             sites,

@@ -29,6 +29,8 @@ class MethodSpec:
     structured: bool | Callable[[MethodConfig], bool]
     summary: str
     shrink: bool = False  # channels the method empties are removed from CompileResult.module
+    # (config, pattern) -> (site, weight) -> masker module, for methods whose masks are modules
+    masker: Callable | None = None
 
     def is_structured(self, config: MethodConfig) -> bool:
         return bool(self.structured(config) if callable(self.structured) else self.structured)
@@ -44,6 +46,7 @@ def register_method(
     structured: bool | Callable[[MethodConfig], bool],
     summary: str,
     shrink: bool = False,
+    masker: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``run(session, config)`` as method ``name`` with ``config_cls``."""
 
@@ -51,7 +54,7 @@ def register_method(
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
         config_cls.name = name
-        _REGISTRY[name] = MethodSpec(name, config_cls, run, structured, summary, shrink)
+        _REGISTRY[name] = MethodSpec(name, config_cls, run, structured, summary, shrink, masker)
         return run
 
     return deco

@@ -63,8 +63,19 @@ class Session:
         return self.gm.get_parameter(site.param)
 
     def mask(self, site: PrunableSite) -> torch.Tensor:
-        """The live bool mask buffer of ``site`` (write it with :meth:`set_mask`)."""
-        return self.gm.get_buffer(site.mask_target)
+        """The live bool mask buffer of ``site`` (write it with :meth:`set_mask`); for a site
+        whose mask is a module (learned masks), its current mask."""
+        try:
+            return self.gm.get_buffer(site.mask_target)
+        except AttributeError:
+            masker = self.gm.get_submodule(site.masker_target)
+            with torch.no_grad():
+                return masker.mask(self.weight(site))
+
+    def refresh_densities(self) -> None:
+        """Re-read every mask (after a masker module changed its own), so FLOPs follow."""
+        self._density = {s.param: float(self.mask(s).sum()) / s.numel for s in self.sites}
+        self._mask_version += 1
 
     def set_mask(self, site: PrunableSite, mask: torch.Tensor) -> None:
         buf = self.mask(site)
@@ -154,6 +165,7 @@ class Session:
             "accuracy": self.evaluate(),
             "train_flops": self.train_flops,
             "iterations": self.iterations,
+            "samples": self._samples_seen,
             "wall_s": time.perf_counter() - self._t0,
         }
         record.update(extra)
@@ -197,10 +209,9 @@ class Session:
     # -- state -----------------------------------------------------------------------------------
     def weights_state(self) -> dict[str, torch.Tensor]:
         """A CPU copy of every parameter and buffer except the masks (the rewind snapshot)."""
+        masks = {s.mask_target for s in self.sites}
         return {
-            k: v.detach().cpu().clone()
-            for k, v in self.gm.state_dict().items()
-            if not k.endswith("weight_mask")
+            k: v.detach().cpu().clone() for k, v in self.gm.state_dict().items() if k not in masks
         }
 
     def load_weights_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -224,6 +235,7 @@ class Session:
             "history": [dict(h) for h in self.history],
             "train_flops": self.train_flops,
             "iterations": self.iterations,
+            "samples": self._samples_seen,
             "elapsed_s": time.perf_counter() - self._t0,
             "trainer": trainer_state() if callable(trainer_state) else None,
             "rng": rng,
@@ -234,6 +246,7 @@ class Session:
         self.history = [dict(h) for h in state["history"]]
         self.train_flops = float(state["train_flops"])
         self.iterations = int(state["iterations"])
+        self._samples_seen = int(state.get("samples", 0))
         self._t0 = time.perf_counter() - float(state["elapsed_s"])
         if state.get("trainer") is not None and hasattr(self.trainer, "load_state_dict"):
             self.trainer.load_state_dict(state["trainer"])

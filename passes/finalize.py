@@ -24,7 +24,7 @@ from torch import nn
 from nmcompile._errors import ConfigError
 
 from ._infra import PassResult
-from .insert_masks import MASKER_ATTR, mask_value, masked_calls
+from .insert_masks import mask_value, masked_calls
 
 __all__ = ["finalize", "fold_batchnorm"]
 
@@ -36,15 +36,17 @@ def finalize(gm: fx.GraphModule, *, fold_bn: bool = False) -> PassResult:
     calls = list(masked_calls(gm))
     graph = gm.graph
     folded: set[str] = set()
-    owners: set[str] = set()
+    owners: set[tuple[str, str]] = set()
     with torch.no_grad():
         for call in calls:
-            owner = gm.get_submodule(call.site.name)
+            param = gm.get_parameter(call.site.param)
             if call.site.param not in folded:
-                mask = mask_value(gm, call)
-                owner.weight.mul_(mask.to(owner.weight.dtype))
+                param.mul_(mask_value(gm, call).to(param.dtype))
                 folded.add(call.site.param)
-            owners.add(call.site.name)
+            owners.add((call.site.name, call.site.attr))
+            if call.module is None:  # matmul site: the weight argument is the parameter again
+                call.node.args = (call.node.args[0], call.weight, *call.node.args[2:])
+                continue
             x = call.node.args[0]
             with graph.inserting_before(call.node):
                 restored = graph.call_module(call.module, (x,))
@@ -53,11 +55,11 @@ def finalize(gm: fx.GraphModule, *, fold_bn: bool = False) -> PassResult:
             graph.erase_node(call.node)
     if calls:
         graph.eliminate_dead_code()
-        for name in owners:
+        for name, attr in owners:
             owner = gm.get_submodule(name)
-            owner._buffers.pop("weight_mask", None)
-            if hasattr(owner, MASKER_ATTR):
-                delattr(owner, MASKER_ATTR)
+            owner._buffers.pop(f"{attr}_mask", None)
+            if hasattr(owner, f"{attr}_masker"):
+                delattr(owner, f"{attr}_masker")
         graph.lint()
         gm.recompile()
     modified = bool(calls)

@@ -64,6 +64,7 @@ class PrunableSite:
     shape: tuple[int, ...]
     group_axis: int = 1
     aliases: tuple[str, ...] = field(default=())
+    attr: str = "weight"  # the parameter's attribute on module ``name``
 
     @property
     def reduction(self) -> int:
@@ -79,7 +80,12 @@ class PrunableSite:
     @property
     def mask_target(self) -> str:
         """Attribute path of this site's persistent mask buffer."""
-        return f"{self.name}.weight_mask"
+        return f"{self.name}.{self.attr}_mask"
+
+    @property
+    def masker_target(self) -> str:
+        """Module path of this site's masker (learned / straight-through masks)."""
+        return f"{self.name}.{self.attr}_masker"
 
     def to_json(self) -> dict:
         return {
@@ -89,6 +95,7 @@ class PrunableSite:
             "shape": list(self.shape),
             "group_axis": self.group_axis,
             "aliases": list(self.aliases),
+            "attr": self.attr,
         }
 
 
@@ -120,6 +127,21 @@ def site_kind(mod: nn.Module) -> str | None:
     return None
 
 
+def _is_matmul_site(gm: fx.GraphModule, node: fx.Node) -> bool:
+    import torch.nn.functional as F
+
+    if node.op != "call_function" or node.target is not F.linear or len(node.args) < 2:
+        return False
+    w = node.args[1]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return False
+    try:
+        p = gm.get_parameter(w.target)
+    except AttributeError:
+        return False
+    return p.dim() == 2
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -146,20 +168,26 @@ def find_sites(
                     f"{sorted(n for n in names if n)[:6]}"
                 )
 
-    # Weight layers in execution order (first call of each module).
+    # Weight layers in execution order (first call of each module). A matmul site is a 2-D
+    # parameter the graph feeds to F.linear itself (attention's packed qkv in_proj_weight).
     order: list[tuple[str, nn.Module, str]] = []
     calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module":
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            kind = site_kind(mod)
+            if kind is None:
+                continue
+            key = node.target
+        elif _is_matmul_site(gm, node):
+            key = node.args[1].target
+            mod, kind = gm, "matmul"
+        else:
             continue
-        mod = gm.get_submodule(node.target)
-        kind = site_kind(mod)
-        if kind is None:
-            continue
-        if node.target not in calls:
-            order.append((node.target, mod, kind))
-            calls[node.target] = []
-        calls[node.target].append(node)
+        if key not in calls:
+            order.append((key, mod, kind))
+            calls[key] = []
+        calls[key].append(node)
 
     stem = order[0][0] if order else None
     classifier = order[-1][0] if len(order) > 1 else None
@@ -168,6 +196,47 @@ def find_sites(
     owner_of_param: dict[int, int] = {}  # id(weight) -> index in sites
 
     for name, mod, kind in order:
+        if kind == "matmul":
+            param = gm.get_parameter(name)
+            owner, _, attr = name.rpartition(".")
+            shape = tuple(param.shape)
+            if (name == stem and not prune_stem) or (name == classifier and not prune_classifier):
+                excluded.append(
+                    ExcludedLayer(
+                        name,
+                        kind,
+                        shape,
+                        "stem layer (kept dense as in the papers)"
+                        if name == stem
+                        else "classifier (kept dense)",
+                    )
+                )
+                continue
+            if (
+                (
+                    include is not None
+                    and not _matches(owner, include)
+                    and not _matches(name, include)
+                )
+                or _matches(owner, exclude)
+                or _matches(name, exclude)
+            ):
+                excluded.append(ExcludedLayer(name, kind, shape, "excluded by the options"))
+                continue
+            if pattern is not None and shape[1] % pattern.m:
+                excluded.append(
+                    ExcludedLayer(
+                        name,
+                        kind,
+                        shape,
+                        f"{shape[1]} input features, not a multiple of {pattern.m}",
+                    )
+                )
+                continue
+            sites.append(
+                PrunableSite(name=owner, param=name, kind="matmul", shape=shape, attr=attr)
+            )
+            continue
         shape = tuple(mod.weight.shape)
 
         def skip(reason: str, *, _name: str = name, _kind: str = kind, _shape=shape) -> None:
@@ -227,7 +296,7 @@ def find_sites(
         owner_of_param[pid] = len(sites)
         sites.append(PrunableSite(name=name, param=f"{name}.weight", kind=kind, shape=shape))
 
-    by_module = {s.name: s for s in sites}
+    by_module = {s.name if s.kind != "matmul" else s.param: s for s in sites}
     for s in sites:
         for a in s.aliases:
             by_module[a] = s

@@ -1,17 +1,21 @@
 """``insert_masks``: route every site's weight through a mask node.
 
-Each ``call_module`` of a site becomes the functional op fed by ``mul(weight, mask)``::
+Each ``call_module`` of a conv / linear site becomes the functional op fed by the masked weight::
 
     y = self.layer1.conv1(x)
       ->
     w = self.layer1.conv1.weight;  k = self.layer1.conv1.weight_mask
     y = torch.conv2d(x, torch.mul(w, k), self.layer1.conv1.bias, stride, padding, dilation, 1)
 
-``mask`` is either a persistent bool buffer ``<module>.weight_mask`` (IMP, ASP, IEE: methods
+A ``matmul`` site (a parameter fed to ``F.linear`` by the graph itself, e.g. the packed qkv
+``in_proj_weight`` of attention) keeps its call; only its weight argument is rerouted.
+
+The mask is either a persistent bool buffer ``<module>.<attr>_mask`` (IMP, ASP, IEE: methods
 rewrite it in place between rounds; it is in ``state_dict``, so checkpoints carry it) or, when
-``mask_module`` is given, the output of a small module ``<module>.weight_masker`` called on the
-weight (learned masks such as LBC / SR-STE with a straight-through gradient). The parameters stay
-on their original modules, so fully-qualified names do not change.
+``mask_module`` is given, a module ``<module>.<attr>_masker`` that maps the weight to the masked
+weight, ``masker(w)``, and tells its current mask with ``masker.mask(w)`` (learned masks such as
+LBC, and SR-STE / STE, whose straight-through gradients need to own the product). The parameters
+stay on their original modules, so fully-qualified names do not change.
 
 With all-ones masks the masked graph computes exactly what the original did.
 """
@@ -29,10 +33,9 @@ from torch import nn
 from ._infra import PassResult, module_and_attr
 from .find_sites import PrunableSite, get_sites
 
-__all__ = ["MaskedCall", "get_masks", "insert_masks", "masked_calls"]
+__all__ = ["MaskedCall", "get_masks", "insert_masks", "mask_value", "masked_calls"]
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-MASKER_ATTR = "weight_masker"
 
 
 def _conv_fn(mod: nn.Module) -> Callable:
@@ -49,40 +52,47 @@ def insert_masks(
 ) -> PassResult:
     """Insert mask nodes for the sites ``find_sites`` recorded (see the module docstring).
 
-    ``mask_module(site, weight)`` builds the module whose ``forward(weight)`` returns the mask; left
-    ``None``, each site gets an all-ones persistent bool buffer.
+    ``mask_module(site, weight)`` builds the masker module (``forward(weight)`` -> masked weight,
+    ``mask(weight)`` -> bool mask); left ``None``, each site gets an all-ones bool buffer.
     """
     sites = {s.param: s for s in get_sites(gm)}
     for site in sites.values():
         owner = gm.get_submodule(site.name)
+        weight = getattr(owner, site.attr)
         if mask_module is None:
-            if not hasattr(owner, "weight_mask"):
+            if not hasattr(owner, f"{site.attr}_mask"):
                 owner.register_buffer(
-                    "weight_mask", torch.ones_like(owner.weight, dtype=torch.bool), persistent=True
+                    f"{site.attr}_mask", torch.ones_like(weight, dtype=torch.bool), persistent=True
                 )
-        elif not hasattr(owner, MASKER_ATTR):
-            owner.add_module(MASKER_ATTR, mask_module(site, owner.weight))
+        elif not hasattr(owner, f"{site.attr}_masker"):
+            owner.add_module(f"{site.attr}_masker", mask_module(site, weight))
 
     graph = gm.graph
     modified = False
     for node in list(graph.nodes):
         site: PrunableSite | None = node.meta.get("nm_site")
-        if node.op != "call_module" or site is None:
+        if site is None or node.op not in ("call_module", "call_function"):
             continue
-        mod = gm.get_submodule(node.target)
-        x = node.args[0] if node.args else node.kwargs["input"]
+        if node.op == "call_function" and (
+            node.target is not F.linear or not _is_weight_attr(node.args[1], site)
+        ):
+            continue  # already masked, or not a matmul site
         with graph.inserting_before(node):
             w = graph.get_attr(site.param)
             if mask_module is None:
-                mask = graph.get_attr(site.mask_target)
+                wm = graph.call_function(torch.mul, (w, graph.get_attr(site.mask_target)))
             else:
-                mask = graph.call_module(f"{site.name}.{MASKER_ATTR}", (w,))
-            wm = graph.call_function(torch.mul, (w, mask))
+                wm = graph.call_module(site.masker_target, (w,))
+            if node.op == "call_function":  # matmul site: reroute the weight argument only
+                node.args = (node.args[0], wm, *node.args[2:])
+                modified = True
+                continue
+            mod = gm.get_submodule(node.target)
+            x = node.args[0] if node.args else node.kwargs["input"]
             bias = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
             if site.kind == "conv":
                 new = graph.call_function(
-                    _conv_fn(mod),
-                    (x, wm, bias, mod.stride, mod.padding, mod.dilation, mod.groups),
+                    _conv_fn(mod), (x, wm, bias, mod.stride, mod.padding, mod.dilation, mod.groups)
                 )
             else:
                 new = graph.call_function(F.linear, (x, wm, bias))
@@ -92,43 +102,57 @@ def insert_masks(
         graph.erase_node(node)
         modified = True
     if modified:
+        graph.eliminate_dead_code()
         graph.lint()
         gm.recompile()
     return PassResult(gm, modified)
 
 
+def _is_weight_attr(arg: object, site: PrunableSite) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target == site.param
+
+
 @dataclass(frozen=True)
 class MaskedCall:
-    """One functional call fed by ``mul(weight, mask)``."""
+    """One call whose weight argument is a mask node (``mul(weight, mask)`` or a masker)."""
 
     node: fx.Node
     site: PrunableSite
-    module: str  # the module this call replaced (an alias of the site for tied weights)
-    mul: fx.Node
-    mask: fx.Node
+    module: str | None  # the conv / linear module this call replaced; None for matmul sites
+    source: fx.Node  # the mul or masker node feeding the weight argument
+
+    @property
+    def weight(self) -> fx.Node:
+        return self.source.args[0]
+
+    @property
+    def is_buffer(self) -> bool:
+        return self.source.op == "call_function"
 
 
 def masked_calls(gm: fx.GraphModule) -> Iterator[MaskedCall]:
     """Every masked call of ``gm`` in graph order."""
     for node in gm.graph.nodes:
         site = node.meta.get("nm_site")
-        if node.op != "call_function" or site is None or "nm_module" not in node.meta:
+        if node.op != "call_function" or site is None or len(node.args) < 2:
             continue
-        mul = node.args[1]
-        if not (isinstance(mul, fx.Node) and mul.target is torch.mul):
+        src = node.args[1]
+        if not isinstance(src, fx.Node):
             continue
-        yield MaskedCall(node, site, node.meta["nm_module"], mul, mul.args[1])
+        if (src.op == "call_function" and src.target is torch.mul) or (
+            src.op == "call_module" and src.target == site.masker_target
+        ):
+            yield MaskedCall(node, site, node.meta.get("nm_module"), src)
 
 
 def mask_value(gm: fx.GraphModule, call: MaskedCall) -> torch.Tensor:
-    """The current bool mask of ``call`` (a buffer read, or the masker module evaluated)."""
-    if call.mask.op == "get_attr":
-        owner, attr = module_and_attr(gm, call.mask.target)
+    """The current bool mask of ``call`` (a buffer read, or the masker module asked)."""
+    if call.is_buffer:
+        owner, attr = module_and_attr(gm, call.source.args[1].target)
         return getattr(owner, attr).detach().to(torch.bool, copy=True)
-    masker = gm.get_submodule(call.mask.target)
-    owner = gm.get_submodule(call.site.name)
+    masker = gm.get_submodule(call.source.target)
     with torch.no_grad():
-        return masker(owner.weight).detach() != 0
+        return masker.mask(gm.get_parameter(call.site.param)).detach().to(torch.bool, copy=True)
 
 
 def get_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -196,7 +196,7 @@ def regroup(gm: fx.GraphModule, settings: RegroupSettings = RegroupSettings()) -
     with torch.no_grad():
         for site in get_sites(gm):
             owner = gm.get_submodule(site.name)
-            mask = getattr(owner, "weight_mask", None)
+            mask = getattr(owner, f"{site.attr}_mask", None)
             if mask is None:
                 continue
             m2d = mask.reshape(mask.shape[0], -1).cpu()

@@ -59,12 +59,15 @@ def trace(
     *,
     leaf_modules: Sequence[str | type] = (),
     copy_model: bool = True,
+    expand_attention: bool = True,
 ) -> PassResult:
     """Symbolically trace ``model`` into a GraphModule.
 
     ``leaf_modules``: module paths (``"layer3.0"``) or classes that stay opaque calls. The model is
     deep-copied first unless ``copy_model=False``, so the caller's module is never mutated by later
-    passes.
+    passes. ``expand_attention`` first swaps ``nn.MultiheadAttention`` / ``nn.TransformerEncoder``
+    (``Layer``) for traceable equivalents with the same parameters (``passes/attention.py``), so
+    their projections can be pruned.
     """
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model) if copy_model else model
@@ -81,9 +84,13 @@ def trace(
             f"valid names look like {sorted(known - {''})[:5]}"
         )
     root = copy.deepcopy(model) if copy_model else model
+    if expand_attention:
+        from .attention import make_traceable
+
+        root = make_traceable(root)
     tracer = _Tracer(leaf_types, leaf_names)
     try:
-        graph = tracer.trace(root)
+        graph = tracer.trace(root, concrete_args=_optional_defaults(root))
     except Exception as exc:
         where = tracer.failed_at[-1] if tracer.failed_at else ("", type(model).__name__)
         path, cls = where
@@ -102,6 +109,22 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.train(root.training)
     return PassResult(gm, True)
+
+
+def _optional_defaults(root: nn.Module) -> dict[str, Any] | None:
+    """Forward arguments defaulting to None / a bool are baked in at their defaults: options
+    like ``mask=None`` or ``is_causal=False`` would otherwise become graph inputs that Python
+    control flow inside the model cannot branch on."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    baked = {
+        p.name: p.default for p in params[1:] if p.default is None or isinstance(p.default, bool)
+    }
+    return baked or None
 
 
 def _describe(value: Any) -> str:

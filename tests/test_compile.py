@@ -169,12 +169,15 @@ def test_asp_vit_b_16_1_4_invariant():
     r = nmcompile.compile(
         m, "asp", "1:4", example_inputs=(torch.randn(1, 3, 32, 32),), finetune_iterations=0
     )
-    # the 24 MLP linears of the 12 encoder blocks (attention projections sit inside
-    # nn.MultiheadAttention, a leaf for torch.fx)
-    assert len(r.masks) == 24
-    assert all(k.startswith("encoder.layers.") and ".mlp." in k for k in r.masks)
+    # per encoder block: the packed qkv in_proj_weight (a matmul site), out_proj, and the two
+    # MLP linears; the patch embedding (stem) and the head stay dense
+    assert len(r.masks) == 48
+    assert sum(k.endswith("self_attention.in_proj_weight") for k in r.masks) == 12
+    assert {e.name for e in r.excluded} == {"conv_proj", "heads.head"}
     assert check_nm(r.masked, NMPattern(1, 4), strict=True).ok
     assert r.sparsity == pytest.approx(0.75)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(r.module.eval()(x), r.masked.eval()(x), atol=1e-5)
 
 
 def test_omp_prunes_exactly_the_global_budget():

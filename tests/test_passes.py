@@ -200,7 +200,7 @@ def test_tied_weights_are_one_site_sharing_one_mask():
     assert [(s.name, s.aliases) for s in sites] == [("a", ("b",))]
     insert_masks(gm)
     calls = list(masked_calls(gm))
-    assert len(calls) == 3 and {c.mask.target for c in calls} == {"a.weight_mask"}
+    assert len(calls) == 3 and {c.source.args[1].target for c in calls} == {"a.weight_mask"}
     gm.a.weight_mask.copy_(P24.mask(gm.a.weight.abs()))
     x = torch.randn(3, 8)
     out = gm(x)
@@ -240,14 +240,17 @@ def test_masked_weights_get_no_gradient():
 
 
 class HalfMask(nn.Module):
-    """A learned-mask stand-in: keeps the positive entries of a score tensor."""
+    """A learned-mask stand-in: keeps the entries whose score is positive."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.scores = nn.Parameter(torch.randn_like(weight))
 
+    def mask(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.scores > 0
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return (self.scores > 0).to(weight.dtype)
+        return weight * self.mask(weight)
 
 
 def test_insert_masks_with_a_mask_module():

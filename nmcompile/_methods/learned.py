@@ -1,0 +1,251 @@
+"""Learned N:M masks: LBC ("Learning best combination for efficient N:M sparsity") and the
+straight-through baselines SR-STE and STE.
+
+**LBC** (Alg. 1, Eqs. 5-10). Every group of M weights along the input channels has C = C(M, N)
+candidate subsets of N weights, listed once in a fixed binary matrix ``combos [C, M]``. A learnable
+score matrix ``S [groups, C]`` rates them, initialised so each weight's summed score is 1
+(``1 / C(M-1, N-1)``, NOTES). The mask keeps every weight that belongs to a surviving candidate,
+``B = 1[(alive * S) @ combos != 0]`` (Eq. 8), computed as the hard value with a straight-through
+gradient to ``S`` (Eq. 9): ``dL/dS_gj = sum_{i in j} dL/dB_gi``. Between ``t_i`` and ``t_f``
+(``removal_window``, fractions of training) the lowest-scored candidates go, leaving per group
+
+    alive(t) = 1 + ceil((C - 1) * (1 - (t - t_i) / (t_f - t_i))^3)
+
+(the cubic schedule of Eq. 6, as NOTES writes it); once one candidate is left its scores are
+frozen, and the mask is exactly N:M. Memory: ``groups x C`` scores, e.g. 28 per group for 2:8.
+
+**SR-STE** recomputes the magnitude N:M mask every forward and, backward, passes the gradient
+straight through to all weights plus ``lambda * (1 - mask) * W`` (lambda 2e-4); **STE** is the same
+with lambda 0. Their weight gradients are dense, so a training step costs ``2 zeta_P + zeta_D``;
+LBC's costs ``3 zeta_P`` at its current mask density (dense early, sparse once candidates go).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import torch
+from torch import nn
+
+from .._config import MethodConfig, check_float, check_int
+from .._errors import ConfigError
+from .._pattern import NMPattern, group_view
+from .._registry import register_method
+from .._session import Session
+from .._trainer import StepInfo
+
+__all__ = [
+    "LBCConfig",
+    "LBCMasker",
+    "SRSTEConfig",
+    "SRSTEMasker",
+    "STEConfig",
+    "alive_count",
+    "combinations",
+]
+
+
+def combinations(n: int, m: int) -> torch.Tensor:
+    """All C(m, n) ways to keep n of m, as a bool matrix [C, m] (lexicographic order)."""
+    rows = []
+    for keep in itertools.combinations(range(m), n):
+        row = [False] * m
+        for i in keep:
+            row[i] = True
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def alive_count(t: float, t_i: float, t_f: float, c: int) -> int:
+    """Candidates left per group at iteration ``t`` (cubic schedule)."""
+    if t <= t_i:
+        return c
+    if t >= t_f:
+        return 1
+    p = (t - t_i) / (t_f - t_i)
+    return 1 + math.ceil((c - 1) * (1.0 - p) ** 3 - 1e-9)
+
+
+def _to_groups(t: torch.Tensor, m: int) -> torch.Tensor:
+    """[..., C_in, ...] -> [groups, m] with groups of m consecutive input channels."""
+    return group_view(t, m).permute(0, 1, 3, 2).reshape(-1, m)
+
+
+def _from_groups(g: torch.Tensor, like: torch.Tensor, m: int) -> torch.Tensor:
+    view = group_view(like, m)
+    pre, groups, _, post = view.shape
+    return g.reshape(pre, groups, post, m).permute(0, 1, 3, 2).reshape(like.shape)
+
+
+class LBCMasker(nn.Module):
+    """Score matrix, candidate list and surviving candidates of one weight."""
+
+    def __init__(self, weight: torch.Tensor, pattern: NMPattern) -> None:
+        super().__init__()
+        self.n, self.m = pattern.n, pattern.m
+        combos = combinations(pattern.n, pattern.m)
+        groups = weight.numel() // pattern.m
+        init = 1.0 / math.comb(pattern.m - 1, pattern.n - 1)
+        self.register_buffer("combos", combos.to(weight.device), persistent=False)
+        self.scores = nn.Parameter(torch.full((groups, len(combos)), init, device=weight.device))
+        self.register_buffer(
+            "alive", torch.ones(groups, len(combos), dtype=torch.bool, device=weight.device)
+        )
+
+    def _hard(self) -> torch.Tensor:
+        return (self.alive.to(torch.float32) @ self.combos.to(torch.float32)) > 0
+
+    def mask(self, weight: torch.Tensor) -> torch.Tensor:
+        return _from_groups(self._hard(), weight, self.m)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        combos = self.combos.to(self.scores.dtype)
+        soft = (self.scores * self.alive) @ combos
+        hard = self._hard().to(soft.dtype)
+        b = hard + soft - soft.detach()  # value: the hard mask; gradient: to the scores (Eq. 9)
+        return weight * _from_groups(b, weight, self.m).to(weight.dtype)
+
+    @torch.no_grad()
+    def keep(self, count: int) -> None:
+        """Keep the ``count`` highest-scored surviving candidates of every group."""
+        if count >= int(self.alive.sum(1).max()):
+            return
+        s = self.scores.masked_fill(~self.alive, float("-inf"))
+        idx = s.topk(count, dim=1).indices
+        self.alive.copy_(torch.zeros_like(self.alive).scatter_(1, idx, True) & self.alive)
+        if count == 1:
+            self.scores.requires_grad_(False)  # the best candidate is chosen: stop learning
+
+
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, mask, lam):
+        ctx.save_for_backward(weight, mask)
+        ctx.lam = lam
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        out = grad if ctx.lam == 0 else grad + ctx.lam * (~mask) * weight
+        return out, None, None
+
+
+class SRSTEMasker(nn.Module):
+    """Magnitude N:M mask every forward; straight-through (sparse-refined) backward."""
+
+    def __init__(self, pattern: NMPattern, lam: float) -> None:
+        super().__init__()
+        self.pattern, self.lam = pattern, lam
+
+    def mask(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.pattern.mask(weight.detach(), transform=torch.abs)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _STE.apply(weight, self.mask(weight), self.lam)
+
+
+# -- configs and methods ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LBCConfig(MethodConfig):
+    """LBC: ``total_iterations`` of training; candidates removed over ``removal_window`` (fractions
+    of training; the paper uses (0, 1/2))."""
+
+    total_iterations: int = 3000
+    removal_window: tuple[float, float] = (0.0, 0.5)
+
+    def validate(self) -> None:
+        check_int(self, "total_iterations", 1)
+        w = self.removal_window
+        ok = (
+            isinstance(w, (tuple, list))
+            and len(w) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)
+            and 0.0 <= w[0] < w[1] <= 1.0
+        )
+        if not ok:
+            raise ConfigError(
+                f"LBCConfig.removal_window must be (t_i, t_f) with 0 <= t_i < t_f <= 1, got {w!r}"
+            )
+        object.__setattr__(self, "removal_window", (float(w[0]), float(w[1])))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SRSTEConfig(MethodConfig):
+    """SR-STE: ``total_iterations`` of training with the refined STE (``lam``, 2e-4)."""
+
+    total_iterations: int = 3000
+    lam: float = 2e-4
+
+    def validate(self) -> None:
+        check_int(self, "total_iterations", 1)
+        check_float(self, "lam", 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class STEConfig(MethodConfig):
+    """STE: magnitude N:M every forward, plain straight-through gradient."""
+
+    total_iterations: int = 3000
+
+
+def _maskers(session: Session) -> list[tuple[object, nn.Module]]:
+    return [(s, session.gm.get_submodule(s.masker_target)) for s in session.sites]
+
+
+@register_method(
+    "lbc",
+    LBCConfig,
+    structured=True,
+    masker=lambda config, pattern: lambda site, weight: LBCMasker(weight, pattern),
+    summary="learned best N:M combination per group (score matrix, cubic removal)",
+)
+def run_lbc(session: Session, config: LBCConfig) -> None:
+    maskers = _maskers(session)
+    c = math.comb(session.pattern.m, session.pattern.n)
+    t_i, t_f = (f * config.total_iterations for f in config.removal_window)
+    counts: list[int] = []
+    state = {"alive": c}
+
+    def on_step(info: StepInfo) -> None:
+        target = alive_count(info.iteration, t_i, t_f, c)
+        if target < state["alive"]:
+            for _, masker in maskers:
+                masker.keep(target)
+            state["alive"] = target
+            session.refresh_densities()
+        counts.append(target)
+
+    session.train(config.total_iterations, on_step)
+    if state["alive"] > 1:  # training ended inside the window: choose now
+        for _, masker in maskers:
+            masker.keep(1)
+        session.refresh_densities()
+    session.diagnostics["alive_per_step"] = counts
+    session.end_round(phase="learned")
+
+
+@register_method(
+    "sr-ste",
+    SRSTEConfig,
+    structured=True,
+    masker=lambda config, pattern: lambda site, weight: SRSTEMasker(pattern, config.lam),
+    summary="SR-STE: magnitude N:M each forward, refined straight-through backward",
+)
+def run_sr_ste(session: Session, config: SRSTEConfig) -> None:
+    session.train(config.total_iterations, dense_weight_grad=True)
+    session.end_round(phase="learned")
+
+
+@register_method(
+    "ste",
+    STEConfig,
+    structured=True,
+    masker=lambda config, pattern: lambda site, weight: SRSTEMasker(pattern, 0.0),
+    summary="STE: magnitude N:M each forward, straight-through backward",
+)
+def run_ste(session: Session, config: STEConfig) -> None:
+    session.train(config.total_iterations, dense_weight_grad=True)
+    session.end_round(phase="learned")

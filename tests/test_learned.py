@@ -1,0 +1,221 @@
+"""LBC, SR-STE, STE, and prunable attention (MultiheadAttention / TransformerEncoder)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import nmcompile
+from nmcompile import ConfigError, NMPattern, SupervisedTrainer, data, zoo
+from nmcompile._methods.learned import LBCMasker, SRSTEMasker, alive_count, combinations
+from nmcompile._pattern import nm_group_counts
+from nmcompile.data import TensorLoader
+from nmcompile.passes import check_nm, trace
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8), (1, 16)])
+def test_combinations(n, m):
+    c = combinations(n, m)
+    assert c.shape == (math.comb(m, n), m) and bool((c.sum(1) == n).all())
+    assert len({tuple(r.tolist()) for r in c}) == len(c)
+
+
+def test_lbc_initialisation_and_gradients_reach_the_scores():
+    w = torch.randn(6, 8, requires_grad=True)
+    masker = LBCMasker(w, NMPattern(2, 4))
+    assert masker.scores.shape == (12, 6)
+    # each weight's summed score starts at 1 (NOTES: 1 / C(M-1, N-1))
+    per_weight = masker.scores.detach() @ masker.combos.float()
+    assert torch.allclose(per_weight, torch.ones_like(per_weight))
+    out = masker(w)
+    assert torch.equal(out, w)  # every candidate alive: every weight kept
+    g = torch.randn_like(w)
+    (out * g).sum().backward()
+    # Eq. 9: dL/dS_gj = sum over the weights i of candidate j of dL/dB_gi, dL/dB = g * w
+    dldb = (g * w.detach()).reshape(12, 4)
+    expect = dldb @ masker.combos.float().t()
+    assert torch.allclose(masker.scores.grad, expect, atol=1e-6)
+
+
+def test_lbc_mask_is_the_best_remaining_combination():
+    torch.manual_seed(0)
+    w = torch.randn(4, 16)
+    masker = LBCMasker(w, NMPattern(2, 4))
+    with torch.no_grad():
+        masker.scores.normal_()
+    best = masker.scores.argmax(1)
+    masker.keep(3)
+    assert bool((masker.alive.sum(1) == 3).all())
+    masker.keep(1)
+    assert not masker.scores.requires_grad  # frozen once one candidate is left
+    mask = masker.mask(w)
+    groups = mask.reshape(4, 4, 4).reshape(-1, 4)
+    assert torch.equal(groups, masker.combos[best])
+    assert bool((nm_group_counts(mask, 4) == 2).all())
+
+
+def test_lbc_schedule_counts_follow_the_cubic_formula():
+    c = 28
+    assert [alive_count(t, 0, 100, c) for t in (0, 1, 50, 99, 100, 150)] == [
+        28,
+        1 + math.ceil(27 * 0.99**3),
+        1 + math.ceil(27 * 0.125),
+        1 + math.ceil(27 * 1e-6),
+        1,
+        1,
+    ]
+    ds = data.load("digits", batch_size=64, seed=0)
+    trainer = SupervisedTrainer(ds.train, ds.val, lr=0.05, progress=False)
+    r = nmcompile.compile(
+        zoo.create("cnn", in_channels=1, image_size=8),
+        "lbc",
+        "2:8",
+        example_inputs=(ds.example_input(2),),
+        trainer=trainer,
+        total_iterations=60,
+        removal_window=(0.25, 0.75),
+    )
+    counts = r.diagnostics["alive_per_step"]
+    assert counts == [alive_count(t, 15, 45, 28) for t in range(1, 61)]
+    assert check_nm(r.masked, NMPattern(2, 8), strict=True).ok  # exact N:M at the end
+    assert check_nm(r.module, NMPattern(2, 8)).ok
+    assert r.history[-1]["accuracy"] > 0.5
+
+
+def test_lbc_flops_follow_the_mask_density():
+    ds = data.load("digits", batch_size=64, seed=0)
+    loader = TensorLoader(ds.train.x, ds.train.y, 64, shuffle=True, drop_last=True)
+    t = SupervisedTrainer(loader, ds.val, lr=0.05, progress=False)
+    lbc = nmcompile.compile(
+        zoo.create("cnn", in_channels=1, image_size=8),
+        "lbc",
+        "1:4",
+        example_inputs=(ds.example_input(2),),
+        trainer=t,
+        total_iterations=40,
+        removal_window=(0.0, 0.5),
+    )
+    sr = nmcompile.compile(
+        zoo.create("cnn", in_channels=1, image_size=8),
+        "sr-ste",
+        "1:4",
+        example_inputs=(ds.example_input(2),),
+        trainer=t,
+        total_iterations=40,
+    )
+    fm = sr.flops
+    quarter = {p: 0.25 for p in fm.sites}
+    samples = 40 * 64
+    # SR-STE: dense weight gradients throughout
+    assert sr.history[-1]["train_flops"] == pytest.approx(
+        fm.train_step(quarter, dense_weight_grad=True) * samples, rel=1e-9
+    )
+    # LBC: between a dense start and 3 zeta_P at 1:4
+    assert (
+        fm.train_step(quarter) * samples
+        < lbc.history[-1]["train_flops"]
+        < fm.train_step() * samples
+    )
+
+
+def test_sr_ste_backward():
+    w = torch.randn(4, 8, requires_grad=True)
+    masker = SRSTEMasker(NMPattern(2, 4), 2e-4)
+    mask = masker.mask(w)
+    out = masker(w)
+    assert torch.equal(out, w.detach() * mask)
+    g = torch.randn_like(w)
+    out.backward(g)
+    assert torch.allclose(w.grad, g + 2e-4 * (~mask) * w.detach())
+    ste = SRSTEMasker(NMPattern(2, 4), 0.0)
+    w.grad = None
+    ste(w).backward(g)
+    assert torch.equal(w.grad, g)
+
+
+@pytest.mark.parametrize("method", ["sr-ste", "ste"])
+def test_ste_methods_end_exact_nm(method):
+    ds = data.load("digits", batch_size=64, seed=0)
+    t = SupervisedTrainer(ds.train, ds.val, lr=0.05, progress=False)
+    r = nmcompile.compile(
+        zoo.create("cnn", in_channels=1, image_size=8),
+        method,
+        "2:4",
+        example_inputs=(ds.example_input(2),),
+        trainer=t,
+        total_iterations=30,
+    )
+    assert check_nm(r.module, NMPattern(2, 4)).ok and r.sparsity == pytest.approx(0.5)
+
+
+def test_learned_option_errors():
+    with pytest.raises(ConfigError, match=r"LBCConfig.removal_window must be \(t_i, t_f\)"):
+        nmcompile.compile(
+            zoo.create("cnn"),
+            "lbc",
+            example_inputs=(torch.randn(1, 3, 8, 8),),
+            removal_window=(0.6, 0.4),
+        )
+
+
+# -- attention -------------------------------------------------------------------------------------
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x))[:, 0])
+
+
+def test_transformer_encoder_becomes_prunable_with_in_proj_grouped_by_input_features(tmp_path):
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    x = torch.randn(2, 5, 16)
+    gm = trace(model).graph_module
+    assert torch.allclose(gm(x), model(x), atol=1e-5)  # same function, same parameter names
+    assert set(gm.state_dict()) == set(model.state_dict())
+    r = nmcompile.compile(
+        model, "asp", "2:4", example_inputs=(x,), finetune_iterations=0, prune_stem=True
+    )
+    names = set(r.masks)
+    assert "encoder.layers.0.self_attn.in_proj_weight" in names
+    assert (
+        "encoder.layers.1.linear2.weight" in names
+        and "encoder.layers.0.self_attn.out_proj.weight" in names
+    )
+    mask = r.masks["encoder.layers.0.self_attn.in_proj_weight"]
+    assert mask.shape == (192, 64)
+    assert bool((nm_group_counts(mask, 4, axis=1) == 2).all())  # along input features
+    assert not bool((nm_group_counts(mask.t().contiguous(), 4, axis=1) == 2).all())
+    assert torch.allclose(r.module.eval()(x), r.masked.eval()(x), atol=1e-5)
+    e = r.export_onnx(tmp_path / "tiny.onnx")
+    assert e.nm_report.satisfied([s.param for s in r.sites])
+
+
+def test_lbc_on_a_vision_transformer():
+    torch.manual_seed(0)
+    m = torchvision.models.VisionTransformer(
+        image_size=8,
+        patch_size=4,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=10,
+    )
+    m.conv_proj = nn.Conv2d(1, 32, 4, 4)
+    ds = data.load("digits", batch_size=64, seed=0)
+    t = SupervisedTrainer(ds.train, ds.val, lr=0.05, progress=False)
+    r = nmcompile.compile(
+        m, "lbc", "2:4", example_inputs=(ds.example_input(2),), trainer=t, total_iterations=30
+    )
+    assert sum("in_proj_weight" in k for k in r.masks) == 2
+    assert check_nm(r.masked, NMPattern(2, 4), strict=True).ok
