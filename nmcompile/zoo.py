@@ -378,4 +378,6 @@ def example_input(
             f"zoo.example_input('vit_b_16'): image_size must be a multiple of 16, got {image_size}."
         )
     gen = torch.Generator().manual_seed(seed)
+    if name in _SEQUENCE_MODELS:  # token embeddings [batch, 128, dim]
+        return torch.randn(batch, *input_shape(name), generator=gen)
     return torch.randn(batch, in_channels, image_size, image_size, generator=gen)

@@ -12,8 +12,9 @@ from nmcompile import data as nmdata
 
 ALL = [
     "cnn", "mlp", "resnet20", "resnet56", "vgg16",
-    "resnet18", "resnet50", "mobilenet_v2", "vit_b_16",
+    "resnet18", "resnet50", "mobilenet_v2", "vit_b_16", "bert_base", "bert_tiny",
 ]  # fmt: skip
+IMAGE_MODELS = ALL[:-2]
 
 # (in_channels, image_size) per model: the model's natural size plus a 1-channel variant.
 CASES = [
@@ -31,7 +32,22 @@ CASES = [
 
 def test_models_listed() -> None:
     assert zoo.models() == ALL
-    assert {name for name, _, _ in CASES} == set(ALL)
+    assert {name for name, _, _ in CASES} == set(IMAGE_MODELS)
+
+
+@pytest.mark.parametrize("name", ["bert_tiny", "bert_base"])
+def test_encoders_build_forward_trace(name: str) -> None:
+    torch.manual_seed(0)
+    model = zoo.create(name, num_classes=3).eval()
+    assert zoo.input_shape(name) == (128, 128 if name == "bert_tiny" else 768)
+    x = zoo.example_input(name, batch=2)[:, :16]
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(traced(x), out, rtol=0, atol=0)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == (2 if name == "bert_tiny" else 12) * 4 + 1
 
 
 @pytest.mark.parametrize(("name", "in_channels", "image_size"), CASES)
