@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import _dist
 from ._config import MethodConfig
 from ._errors import ConfigError, InputError
 from ._flops import FlopModel, _batch_size
@@ -320,6 +321,8 @@ def compile(
 
         insert_masks_.__name__ = "insert_masks"
         gm = run_passes(gm, [insert_masks_], check_modified=opts.debug).graph_module
+        if _dist.maybe_init(getattr(trainer, "device", None)):
+            _dist.broadcast_module_(gm)  # every rank starts from rank 0's weights and masks
         session = Session(
             gm,
             sites,

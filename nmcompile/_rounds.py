@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from . import _dist
 from ._checkpoint import find_latest, load_round, save_round
 from ._config import MethodConfig, check_float, check_int
 from ._errors import ConfigError
@@ -276,7 +277,7 @@ class RoundEngine:
         }
 
     def _checkpoint(self, *, done: bool) -> None:
-        if self.config.checkpoint_dir:
+        if self.config.checkpoint_dir and _dist.is_main():
             save_round(
                 self.config.checkpoint_dir,
                 self.round if not done else self.round + 1,

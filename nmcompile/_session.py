@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import _dist
 from ._flops import FlopModel
 from ._pattern import NMPattern
 from ._trainer import OnStep, StepInfo, Trainer
@@ -84,6 +85,7 @@ class Session:
                 f"mask for {site.param} has shape {tuple(mask.shape)}, weight is {tuple(buf.shape)}"
             )
         buf.copy_(mask.to(device=buf.device, dtype=torch.bool))
+        _dist.broadcast_(buf)  # under torchrun every rank takes rank 0's decision
         self._density[site.param] = float(buf.sum()) / site.numel
         self._mask_version += 1
 
@@ -158,7 +160,16 @@ class Session:
         return None if self.trainer is None else self.trainer.evaluate(self.gm)
 
     def end_round(self, **extra: Any) -> dict[str, Any]:
-        """Append one record to ``history``: round, sparsity, accuracy, cumulative train FLOPs."""
+        """Append one record to ``history``: round, sparsity, accuracy, cumulative train FLOPs.
+
+        Under torchrun the ranks first prove they hold the same masks and weights."""
+        if _dist.enabled():
+            _dist.same_on_all_ranks(
+                [self.mask(s) for s in self.sites], f"the masks after round {len(self.history)}"
+            )
+            _dist.same_on_all_ranks(
+                [p for p in self.gm.parameters()], f"the weights after round {len(self.history)}"
+            )
         record: dict[str, Any] = {
             "round": len(self.history),
             "sparsity": self.sparsity(),

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from . import _dist
 from ._errors import ConfigError, InputError
 
 __all__ = ["OnStep", "StepInfo", "SupervisedTrainer", "Trainer"]
@@ -73,12 +74,103 @@ def _split(batch: Any, where: str) -> tuple[Any, torch.Tensor]:
     )
 
 
+class _ShardedLoader:
+    """A DataLoader re-built over a ``DistributedSampler`` for this rank. Like ``TensorLoader`` it
+    advances its epoch (the sampler's shuffle seed) after each full pass and saves it."""
+
+    def __init__(self, loader: Any, num_replicas: int, rank: int) -> None:
+        from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+        self.sampler = DistributedSampler(
+            loader.dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=isinstance(loader.sampler, RandomSampler),
+            drop_last=loader.drop_last,
+        )
+        self.loader = DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=self.sampler,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+        )
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        yield from self.loader
+        self.epoch += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+
+
+def _shard(loader: Any, world: int, rank: int, what: str) -> Any:
+    """``loader`` restricted to this rank's share of every epoch (unchanged when it already is)."""
+    import warnings
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from .data import TensorLoader
+
+    if isinstance(loader, TensorLoader):
+        if loader.num_replicas > 1:
+            return loader
+        sharded = TensorLoader(
+            loader.x,
+            loader.y,
+            loader.batch_size,
+            shuffle=loader.shuffle,
+            seed=loader.seed,
+            drop_last=loader.drop_last,
+            num_replicas=world,
+            rank=rank,
+            transform=loader.transform,
+        )
+        sharded.set_epoch(loader.epoch)
+        return sharded
+    if isinstance(loader, DataLoader):
+        if isinstance(loader.sampler, DistributedSampler) or loader.batch_sampler is None:
+            return loader
+        if type(loader.batch_sampler).__name__ != "BatchSampler":
+            warnings.warn(
+                f"{what} uses a custom batch_sampler: nmcompile leaves it as it is, so it must "
+                "yield this rank's share itself",
+                stacklevel=3,
+            )
+            return loader
+        return _ShardedLoader(loader, world, rank)
+    warnings.warn(
+        f"{what} is a {type(loader).__name__}, which nmcompile cannot shard: every rank trains on "
+        "what it yields, so it must yield this rank's share (use a DataLoader or "
+        "nmcompile.data.TensorLoader to have it sharded for you)",
+        stacklevel=3,
+    )
+    return loader
+
+
 class SupervisedTrainer:
     """SGD with momentum, step LR milestones, top-1 evaluation, a progress bar.
 
     ``milestones``: iteration counts (ints) or fractions of a ``train`` call's iterations (floats
     in (0, 1)); the LR is multiplied by ``gamma`` at each. ``progress=None`` shows a bar only on a
     terminal.
+
+    Under ``torchrun`` (see ``nmcompile._dist``) the trainer shards ``train_loader`` across ranks
+    (a ``TensorLoader`` by ``num_replicas`` / ``rank``, a ``DataLoader`` through a
+    ``DistributedSampler``) and trains through ``DistributedDataParallel``: each rank's batch is
+    ``batch_size``, the global batch ``world_size * batch_size``, and the FLOPs charged per step
+    are those of the global batch. Evaluation runs on the whole ``val_loader`` on every rank, so
+    all ranks report the same accuracy.
     """
 
     def __init__(
@@ -127,6 +219,17 @@ class SupervisedTrainer:
         self.progress = progress
         self._it: Any = None
         self._position = 0
+        self._world = 1
+
+    def _setup_distributed(self) -> None:
+        """Shard the training data once the process group is known (first use)."""
+        if self._world > 1 or not _dist.maybe_init(self.device):
+            return
+        self._world = _dist.world_size()
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.train_loader = _shard(self.train_loader, self._world, _dist.rank(), "train_loader")
+        self._it, self._position = None, 0
 
     def _lr_at(self, step: int, iterations: int) -> float:
         passed = sum(
@@ -160,6 +263,7 @@ class SupervisedTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Where the data stream is (epoch state of the loader, batches consumed in the epoch), so
         a resumed run sees the same batches as an uninterrupted one."""
+        self._setup_distributed()
         loader_state = getattr(self.train_loader, "state_dict", None)
         return {
             "position": self._position if self._it is not None else 0,
@@ -167,6 +271,7 @@ class SupervisedTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._setup_distributed()
         if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
         position = int(state.get("position", 0))
@@ -181,8 +286,18 @@ class SupervisedTrainer:
     def train(self, model: nn.Module, iterations: int, on_step: OnStep | None = None) -> None:
         if iterations <= 0:
             return
+        self._setup_distributed()
         model.to(self.device).train()
         params = [p for p in model.parameters() if p.requires_grad]
+        net = model
+        if self._world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Re-wrapped every call: the constructor broadcasts rank 0's parameters and buffers,
+            # so rewinding or re-initialising between rounds cannot leave the ranks apart.
+            net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         opt = torch.optim.SGD(
             params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
@@ -192,7 +307,10 @@ class SupervisedTrainer:
             total=iterations,
             desc="train",
             leave=False,
-            disable=(None if self.progress is None else not self.progress),
+            # None: tqdm shows the bar only on a terminal; other ranks never show one
+            disable=True
+            if not _dist.is_main()
+            else (None if self.progress is None else not self.progress),
             dynamic_ncols=True,
         )
         try:
@@ -201,7 +319,7 @@ class SupervisedTrainer:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 x, y = _split(_to(self._next_batch(), self.device), "train_loader")
-                loss = self.loss_fn(model(x), y)
+                loss = self.loss_fn(net(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -209,7 +327,7 @@ class SupervisedTrainer:
                 if step % 20 == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
                 if on_step is not None:
-                    batch_size = int(y.shape[0]) if y.dim() else 1
+                    batch_size = (int(y.shape[0]) if y.dim() else 1) * self._world
                     if on_step(StepInfo(step + 1, batch_size, loss.detach(), lr)):
                         break
         finally:

@@ -295,7 +295,10 @@ def _diagnostic_plots(out: Path, result: Any, args: argparse.Namespace) -> list[
 
 
 def _log(msg: str) -> None:
-    print(f"[nmcompile] {msg}", flush=True)
+    from ._dist import is_main
+
+    if is_main():
+        print(f"[nmcompile] {msg}", flush=True)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -379,6 +382,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         model, args.method, pattern, example_inputs=example, trainer=trainer, **options
     )
     compile_s = time.perf_counter() - t0
+    from ._dist import is_main
+
+    if not is_main():  # under torchrun only rank 0 exports, times and writes the report
+        return 0
     sparse_acc = result.history[-1]["accuracy"] if result.history else None
     if dense_acc is None and result.history and result.history[0]["sparsity"] == 0.0:
         dense_acc = result.history[0]["accuracy"]  # round 0 of an iterative method is dense

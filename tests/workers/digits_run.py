@@ -1,0 +1,156 @@
+"""A compile() run on digits, launched as its own process by the reliability tests.
+
+Single process:  python tests/workers/digits_run.py OUT --batch-size 64
+Two ranks:       torchrun --nproc_per_node=2 tests/workers/digits_run.py OUT --batch-size 32
+Fault injection: --kill-at-step N (SIGKILL itself after N optimizer steps of the whole run) or
+                 --kill-in-checkpoint N (SIGKILL itself half-way through writing checkpoint N, as a
+                 non-atomic writer would leave it) or --kill-before-sidecar N (after checkpoint
+                 N's payload landed, before its checksum file).
+
+Writes OUT/masks-rank<r>.pt and OUT/history-rank<r>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+import nmcompile
+from nmcompile import data, zoo
+from nmcompile.data import TensorLoader
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillingTrainer(nmcompile.SupervisedTrainer):
+    """A real trainer whose process is SIGKILLed after ``kill_at`` optimizer steps."""
+
+    def __init__(self, *args, kill_at: int | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kill_at = kill_at
+        self.steps = 0
+
+    def train(self, model, iterations, on_step=None):
+        def hook(info):
+            self.steps += 1
+            if self.kill_at is not None and self.steps == self.kill_at:
+                _die()
+            return on_step(info) if on_step is not None else None
+
+        return super().train(model, iterations, hook)
+
+
+def _kill_while_writing_checkpoint(n: int) -> None:
+    """Make the n-th checkpoint payload write stop half-way and kill the process: a torn file."""
+    from nmcompile import _checkpoint
+
+    real = _checkpoint.save_round
+    calls = {"n": 0}
+
+    def torn_save(folder, round_index, state, meta, *, keep=2):
+        calls["n"] += 1
+        if calls["n"] != n:
+            return real(folder, round_index, state, meta, keep=keep)
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        payload = buf.getvalue()
+        path = Path(folder) / f"round-{round_index:04d}.pt"
+        with open(path, "wb") as fh:  # what a non-atomic writer would leave behind
+            fh.write(payload[: len(payload) // 2])
+            fh.flush()
+            os.fsync(fh.fileno())
+        _die()
+
+    _checkpoint.save_round = torn_save
+    import nmcompile._rounds as rounds
+
+    rounds.save_round = torn_save
+
+
+def _kill_before_sidecar(n: int) -> None:
+    """Kill the process after the n-th checkpoint payload landed but before its checksum file."""
+    from nmcompile import _checkpoint
+
+    real = _checkpoint.atomic_write_json
+    calls = {"n": 0}
+
+    def dying_write(path, obj, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            _die()
+        return real(path, obj, *a, **kw)
+
+    _checkpoint.atomic_write_json = dying_write
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--method", default="mimp")
+    ap.add_argument("--model", default="mlp")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--kill-at-step", type=int, default=None)
+    ap.add_argument("--kill-in-checkpoint", type=int, default=None)
+    ap.add_argument("--kill-before-sidecar", type=int, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.kill_in_checkpoint is not None:
+        _kill_while_writing_checkpoint(args.kill_in_checkpoint)
+    if args.kill_before_sidecar is not None:
+        _kill_before_sidecar(args.kill_before_sidecar)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = data.load("digits", batch_size=args.batch_size, seed=args.seed)
+    # drop_last: the global batches of one process with batch 2B are exactly the union of two
+    # ranks' batches of B (TensorLoader shards an epoch as perm[rank::world])
+    train = TensorLoader(
+        ds.train.x,
+        ds.train.y,
+        args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
+        transform=ds.train.transform,
+    )
+    torch.manual_seed(args.seed)
+    model = zoo.create(args.model, in_channels=1, image_size=8)
+    trainer = KillingTrainer(
+        train, ds.val, lr=0.05, weight_decay=0.0, progress=False, kill_at=args.kill_at_step
+    )
+    result = nmcompile.compile(
+        model,
+        args.method,
+        "2:4",
+        example_inputs=(ds.example_input(2),),
+        trainer=trainer,
+        iterations_per_round=args.iterations,
+        seed=args.seed,
+        prune_stem=True,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+    )
+    from nmcompile import _dist
+
+    r = _dist.rank()
+    torch.save(result.masks, out / f"masks-rank{r}.pt")
+    hist = [{k: v for k, v in h.items() if k != "wall_s"} for h in result.history]
+    (out / f"history-rank{r}.json").write_text(
+        json.dumps({"world": _dist.world_size(), "history": hist})
+    )
+
+
+if __name__ == "__main__":
+    main()
