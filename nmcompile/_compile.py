@@ -293,7 +293,7 @@ def compile(
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        gm = trace(model, leaf_modules=opts.leaf_modules).graph_module
+        gm = trace(model, leaf_modules=opts.leaf_modules, example_inputs=inputs).graph_module
 
         def find_sites_(g: fx.GraphModule):
             return find_sites(
@@ -332,6 +332,7 @@ def compile(
             fallback_batch=_batch_size(inputs),
             example_inputs=inputs,
         )
+        session.check_finite(f"in the {type(model).__name__} given to compile")
         spec.run(session, config)
 
     if opts.debug and site_pattern is not None:

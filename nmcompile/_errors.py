@@ -72,5 +72,9 @@ class OutputPathError(NMCompileError, OSError):
     """An output location that cannot be written."""
 
 
+class NonFiniteError(NMCompileError, ValueError):
+    """NaN or Inf in a weight: given to compile, or produced by training that diverged."""
+
+
 class DatasetNotFoundError(NMCompileError, FileNotFoundError):
     """A dataset whose files are not on this machine; the message says how to get them."""

@@ -29,6 +29,7 @@ from . import _dist
 from ._checkpoint import find_latest, load_round, save_round
 from ._config import MethodConfig, check_float, check_int
 from ._errors import ConfigError
+from ._io import ensure_dir
 from ._session import Session
 from ._trainer import OnStep, StepInfo
 
@@ -179,6 +180,9 @@ class RoundEngine:
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.config
+        if cfg.checkpoint_dir and _dist.is_main():
+            # an unwritable folder fails now, not after the first round's training
+            ensure_dir(cfg.checkpoint_dir, what="checkpoint folder")
         resumed = self._resume() if cfg.resume else False
         if resumed == "done":
             self.session.diagnostics.update(self.diagnostics)

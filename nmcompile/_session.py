@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from . import _dist
+from ._errors import NonFiniteError
 from ._flops import FlopModel
 from ._pattern import NMPattern
 from ._trainer import OnStep, StepInfo, Trainer
@@ -152,6 +153,35 @@ class Session:
         self.iterations += steps
         return steps
 
+    def check_finite(self, when: str, *, trained: bool = False) -> None:
+        """Raise :class:`NonFiniteError` naming every parameter that holds NaN or Inf.
+
+        A masked NaN still poisons the output (NaN * 0 is NaN), so no weight of the model may be
+        non-finite, pruned or not. One fused reduction per parameter, no host sync per tensor."""
+        params = [(n, p) for n, p in self.gm.named_parameters() if p.is_floating_point()]
+        if not params:
+            return
+        flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).cpu()
+        if bool(flags.all()):
+            return
+        bad: list[str] = []
+        for (name, p), ok in zip(params, flags.tolist()):
+            if not ok:
+                w = p.detach()
+                bad.append(
+                    f"{name} {tuple(w.shape)}: {int(torch.isnan(w).sum())} NaN, "
+                    f"{int(torch.isinf(w).sum())} Inf"
+                )
+        if len(bad) > 6:
+            bad = [*bad[:5], f"and {len(bad) - 5} more"]
+        hint = (
+            "fix or re-train the checkpoint (a NaN weight poisons the output even when pruned)"
+            if not trained
+            else "training diverged: lower the trainer's lr or add gradient clipping; finished "
+            "rounds are in checkpoint_dir when one was given"
+        )
+        raise NonFiniteError(f"non-finite weights {when}: {'; '.join(bad)}. {hint}")
+
     def add_flops(self, flops: float) -> None:
         """Charge work done outside ``train`` (e.g. an extra dense gradient for RigL)."""
         self.train_flops += flops
@@ -162,7 +192,9 @@ class Session:
     def end_round(self, **extra: Any) -> dict[str, Any]:
         """Append one record to ``history``: round, sparsity, accuracy, cumulative train FLOPs.
 
-        Under torchrun the ranks first prove they hold the same masks and weights."""
+        Under torchrun the ranks first prove they hold the same masks and weights. Weights that
+        training turned into NaN / Inf end the run here with a :class:`NonFiniteError`."""
+        self.check_finite(f"after round {len(self.history)}", trained=True)
         if _dist.enabled():
             _dist.same_on_all_ranks(
                 [self.mask(s) for s in self.sites], f"the masks after round {len(self.history)}"

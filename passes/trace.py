@@ -1,9 +1,14 @@
 """``trace``: nn.Module -> torch.fx GraphModule, and ``propagate_shapes`` over example inputs.
 
 Tracing is ``torch.fx.symbolic_trace`` with configurable leaf modules (kept as one opaque
-``call_module``; their weights stay dense). When tracing fails, the error names the innermost
-module being traced and the two fixes: mark it as a leaf, or make its ``forward`` free of Python
-control flow on tensor values.
+``call_module``; their weights stay dense). When tracing fails and example inputs are given,
+``torch.export`` is tried next: it runs the model on the inputs, so Python control flow on shapes
+and other static values is specialised away (a warning says so). Its ATen graph is raised back to
+the form every pass expects: each ``aten.conv*`` / ``aten.linear`` / ``aten.batch_norm`` /
+``aten.dropout`` call that is exactly one ``nn.Module``'s forward becomes a ``call_module`` of that
+module again, so sites, masks, FLOPs and BatchNorm folding work unchanged. When both fail, the
+error names the innermost module being traced and the fixes: mark it as a leaf, or make its
+``forward`` free of Python control flow on tensor values.
 
 ``propagate_shapes`` runs the graph node by node on real inputs, records each node's output shape
 in ``node.meta["nm_shape"]`` (used for FLOP counting), and turns a failure into an ``InputError``
@@ -60,6 +65,7 @@ def trace(
     leaf_modules: Sequence[str | type] = (),
     copy_model: bool = True,
     expand_attention: bool = True,
+    example_inputs: Sequence[Any] | None = None,
 ) -> PassResult:
     """Symbolically trace ``model`` into a GraphModule.
 
@@ -67,7 +73,7 @@ def trace(
     deep-copied first unless ``copy_model=False``, so the caller's module is never mutated by later
     passes. ``expand_attention`` first swaps ``nn.MultiheadAttention`` / ``nn.TransformerEncoder``
     (``Layer``) for traceable equivalents with the same parameters (``passes/attention.py``), so
-    their projections can be pruned.
+    their projections can be pruned. ``example_inputs``: enables the ``torch.export`` fallback.
     """
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model) if copy_model else model
@@ -92,6 +98,25 @@ def trace(
     try:
         graph = tracer.trace(root, concrete_args=_optional_defaults(root))
     except Exception as exc:
+        exported = None
+        export_error = ""
+        if example_inputs is not None and not leaf_names and not leaf_types:
+            try:
+                exported = _trace_by_export(root, tuple(example_inputs))
+            except Exception as exp_exc:  # report both failures below
+                export_error = f" torch.export failed too: {type(exp_exc).__name__}: {exp_exc}"
+                export_error = export_error[:600]
+        if exported is not None:
+            import warnings
+
+            warnings.warn(
+                f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); traced it with torch.export instead. Python control flow "
+                "was specialised to the example inputs' shapes and values, so the compiled "
+                "model follows the branches those inputs took",
+                stacklevel=2,
+            )
+            return PassResult(exported, True)
         where = tracer.failed_at[-1] if tracer.failed_at else ("", type(model).__name__)
         path, cls = where
         label = f"`{path}` ({cls})" if path else f"the top-level module ({cls})"
@@ -104,11 +129,83 @@ def trace(
         )
         raise TraceError(
             f"torch.fx could not trace {label}: {type(exc).__name__}: {exc}. Fix: {fix}."
+            + export_error
         ) from exc
     name = type(root).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.train(root.training)
     return PassResult(gm, True)
+
+
+_ATEN_MODULE_OPS: dict[str, tuple[type, ...]] = {
+    "conv1d": (nn.Conv1d,),
+    "conv2d": (nn.Conv2d,),
+    "conv3d": (nn.Conv3d,),
+    "linear": (nn.Linear,),
+    "batch_norm": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+    "dropout": (nn.Dropout,),
+}
+
+
+def _trace_by_export(root: nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
+    """``torch.export`` the model and give its graph back its module calls (see module doc)."""
+    ep = torch.export.export(root, inputs, strict=False)
+    g = ep.module()
+    # a copy owned by no module, so call_module nodes can name the original modules
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(g.graph._codegen)  # flattens inputs / outputs as exported
+    graph.output(graph.graph_copy(g.graph, {}))
+    modules = dict(root.named_modules())
+
+    def owner(node: fx.Node) -> str | None:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return None
+        path = list(stack.values())[-1][0]
+        # "L__self__c1" style keys carry the path in the value: ("c1", "torch.nn...Conv2d")
+        return path if path in modules else None
+
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target.startswith("_guards"):
+            graph.erase_node(node) if not node.users else None
+            continue
+        if node.op != "call_function":
+            continue
+        op = getattr(node.target, "_overloadpacket", None)
+        name = getattr(op, "__name__", "")
+        path = owner(node)
+        if (
+            name == "add_"
+            and path is not None
+            and isinstance(modules[path], nn.modules.batchnorm._BatchNorm)
+        ):
+            # num_batches_tracked += 1: the BatchNorm module does it itself once called
+            if not node.users:
+                graph.erase_node(node)
+            continue
+        types = _ATEN_MODULE_OPS.get(name)
+        if types is None or path is None or not isinstance(modules[path], types):
+            continue
+        weight = node.args[1] if len(node.args) > 1 else None
+        if name == "dropout" or (
+            isinstance(weight, fx.Node)
+            and weight.op == "get_attr"
+            and weight.target == f"{path}.weight"
+        ):
+            with graph.inserting_before(node):
+                new = graph.call_module(path, (node.args[0],))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):
+        if node.op == "get_attr" and not node.users:  # weights now read by their modules
+            graph.erase_node(node)
+    gm = fx.GraphModule(root, graph, type(root).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(root.training)
+    return gm
 
 
 def _optional_defaults(root: nn.Module) -> dict[str, Any] | None:

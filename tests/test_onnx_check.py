@@ -759,7 +759,7 @@ FUZZ_BASE = _fuzz_seed_model()
 
 
 @settings(
-    max_examples=200,
+    max_examples=1000,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
