@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 def _methods() -> int:
     from ._registry import get_method, methods
 
+    rows = []
     for name in methods():
         spec = get_method(name)
         kind = (
@@ -197,7 +198,11 @@ def _methods() -> int:
             if not callable(spec.structured)
             else "N:M or unstructured"
         )
-        print(f"{name:<12} {kind:<13} {spec.summary}")
+        rows.append((name, kind, spec.summary))
+    w_name = max(len(r[0]) for r in rows)
+    w_kind = max(len(r[1]) for r in rows)
+    for name, kind, summary in rows:
+        print(f"{name:<{w_name}}  {kind:<{w_kind}}  {summary}")
     return 0
 
 
