@@ -309,7 +309,7 @@ def _log(msg: str) -> None:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from . import data, zoo
+    from . import _dist, data, zoo
     from ._compile import compile as nm_compile
     from ._io import atomic_write_json, atomic_write_text, ensure_dir
     from ._pattern import NMPattern
@@ -318,6 +318,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from ._trainer import SupervisedTrainer
 
     t_start = time.perf_counter()
+    _dist.maybe_init(args.device)  # under torchrun: one process group, rank 0 logs and writes
     spec = get_method(args.method)  # fail fast on a bad method or pattern, before training
     structured = spec.is_structured(
         spec.config_cls.from_options(
@@ -353,7 +354,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         progress=args.progress or None,
     )
     _log(
-        f"{args.model} on {args.dataset} ({len(ds.train)} batches/epoch), {args.method} "
+        f"{args.model} on {args.dataset} ({len(ds.train)} batches/epoch"
+        + (f", {_dist.world_size()} ranks" if _dist.enabled() else "")
+        + f"), {args.method} "
         f"{pattern if structured else 'unstructured'}, output in {out}/"
     )
     dense_acc = None

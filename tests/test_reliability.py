@@ -148,3 +148,23 @@ def test_corrupt_checkpoints_everywhere_start_over_cleanly(reference, tmp_path):
     proc = run_worker(tmp_path, *base, "--resume")
     assert proc.stderr.count("checksum does not match") == len(pts)
     assert_same_masks(masks(tmp_path), masks(reference))
+
+
+def test_dataloader_is_resharded_with_a_distributed_sampler():
+    """A plain DataLoader becomes this rank's DistributedSampler share; epochs advance."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nmcompile._trainer import _shard
+
+    ds = TensorDataset(torch.arange(20).float().unsqueeze(1), torch.arange(20))
+    loader = DataLoader(ds, batch_size=4, shuffle=True)
+    shards = [_shard(loader, 2, r, "train_loader") for r in (0, 1)]
+    epoch0 = [torch.cat([y for _, y in s]) for s in shards]
+    assert len(epoch0[0]) == len(epoch0[1]) == 10
+    assert sorted(torch.cat(epoch0).tolist()) == list(range(20))  # disjoint, complete
+    epoch1 = torch.cat([y for _, y in shards[0]])
+    assert not torch.equal(epoch1, epoch0[0])  # a new shuffle after a full pass
+    assert shards[0].state_dict() == {"epoch": 2}
+    assert len(shards[0]) == 3
+    # a loader that already shards is left alone
+    assert _shard(shards[0].loader, 2, 0, "train_loader") is shards[0].loader
