@@ -31,6 +31,16 @@ class MethodSpec:
     shrink: bool = False  # channels the method empties are removed from CompileResult.module
     # (config, pattern) -> (site, weight) -> masker module, for methods whose masks are modules
     masker: Callable | None = None
+    # what the result is, for listings: "N:M", "unstructured", "channels", "blocks", ... (None:
+    # derived from ``structured``)
+    kind: str | None = None
+
+    def describe_kind(self) -> str:
+        if self.kind is not None:
+            return self.kind
+        if callable(self.structured):
+            return "N:M or unstructured"
+        return "N:M" if self.structured else "unstructured"
 
     def is_structured(self, config: MethodConfig) -> bool:
         return bool(self.structured(config) if callable(self.structured) else self.structured)
@@ -47,6 +57,7 @@ def register_method(
     summary: str,
     shrink: bool = False,
     masker: Callable | None = None,
+    kind: str | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``run(session, config)`` as method ``name`` with ``config_cls``."""
 
@@ -54,7 +65,9 @@ def register_method(
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
         config_cls.name = name
-        _REGISTRY[name] = MethodSpec(name, config_cls, run, structured, summary, shrink, masker)
+        _REGISTRY[name] = MethodSpec(
+            name, config_cls, run, structured, summary, shrink, masker, kind
+        )
         return run
 
     return deco

@@ -193,16 +193,15 @@ def _methods() -> int:
     rows = []
     for name in methods():
         spec = get_method(name)
-        kind = (
-            ("N:M" if spec.structured else "unstructured")
-            if not callable(spec.structured)
-            else "N:M or unstructured"
-        )
-        rows.append((name, kind, spec.summary))
+        rows.append((name, spec.describe_kind(), spec.summary))
     w_name = max(len(r[0]) for r in rows)
     w_kind = max(len(r[1]) for r in rows)
-    for name, kind, summary in rows:
-        print(f"{name:<{w_name}}  {kind:<{w_kind}}  {summary}")
+    try:
+        for name, kind, summary in rows:
+            print(f"{name:<{w_name}}  {kind:<{w_kind}}  {summary}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `nmcompile methods | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -307,6 +307,7 @@ class ChannelTaylorConfig(_LatencyOptions, MethodConfig):
     ChannelTaylorConfig,
     structured=False,
     shrink=True,
+    kind="channels",
     summary="one-shot Taylor channel pruning to a measured latency budget",
 )
 def run_channel_taylor(session: Session, config: ChannelTaylorConfig) -> None:

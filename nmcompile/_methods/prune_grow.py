@@ -460,6 +460,7 @@ def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | N
     IEEConfig,
     structured=lambda c: c.structured,
     shrink=True,
+    kind="unstructured, N:M or channels",
     summary="exploit/explore prune-grow (IEE): weights, N:M, or channels to a latency budget",
 )
 def run_iee(session: Session, config: IEEConfig) -> None:

@@ -242,7 +242,9 @@ for _name, _cls, _summary in (
     def _run(session: Session, config: IMPRefillConfig) -> None:
         RoundEngine(session, config, _IMPRefill(config)).run()
 
-    register_method(_name, _cls, structured=False, summary=_summary, shrink=True)(_run)
+    register_method(_name, _cls, structured=False, summary=_summary, shrink=True, kind="channels")(
+        _run
+    )
 
 
 # -- regroup -------------------------------------------------------------------------------------
@@ -372,6 +374,7 @@ class _IMPRegroup(_IMP):
     "imp-regroup",
     IMPRegroupConfig,
     structured=False,
+    kind="blocks",
     summary="IMP, then the mask regrouped into dense blocks (pymetis)",
 )
 def run_imp_regroup(session: Session, config: IMPRegroupConfig) -> None:
@@ -382,6 +385,7 @@ def run_imp_regroup(session: Session, config: IMPRegroupConfig) -> None:
     "group-aware-imp",
     GroupAwareIMPConfig,
     structured=False,
+    kind="blocks",
     summary="IMP regrouping its mask into dense blocks after every round",
 )
 def run_group_aware_imp(session: Session, config: GroupAwareIMPConfig) -> None:
