@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import nmcompile
-from nmcompile import ConfigError, SupervisedTrainer, data, zoo
+from nmcompile import ConfigError, NMCompileError, SupervisedTrainer, data, zoo
 from nmcompile.passes import (
     build_channel_graph,
     find_sites,
@@ -143,9 +143,12 @@ def _structured_mask(rows=96, cols=160, seed=0):
     return m
 
 
-def test_regroup_blocks_lie_in_their_parts_and_make_the_mask():
+@pytest.mark.parametrize("backend", ["pymetis", "kahypar"])
+def test_regroup_blocks_lie_in_their_parts_and_make_the_mask(backend):
+    if backend == "kahypar":
+        pytest.importorskip("kahypar")
     mask = _structured_mask()
-    s = RegroupSettings(parts=3, min_rows=8, min_cols=8, seed=0)
+    s = RegroupSettings(parts=3, min_rows=8, min_cols=8, seed=0, backend=backend)
     new, blocks = regroup_mask(mask, s)
     assert blocks
     membership = torch.from_numpy(_partition(mask, s))
@@ -157,8 +160,60 @@ def test_regroup_blocks_lie_in_their_parts_and_make_the_mask():
     assert torch.equal(new, union)  # the mask is exactly the union of the blocks
     rows = torch.cat([b.rows for b in blocks])
     assert len(rows) == len(set(rows.tolist()))  # disjoint rows
-    # the planted blocks are recovered: most of the old nonzeros inside blocks stay
-    assert float((new & mask).sum()) / float(mask.sum()) > 0.6
+    if backend == "pymetis":
+        # the planted blocks are recovered: most of the old nonzeros inside blocks stay. (KaHyPar
+        # minimises connectivity, whose optimum under this noise is not the planted split; see
+        # test_kahypar_minimises_connectivity_which_noise_decouples_from_blocks)
+        assert float((new & mask).sum()) / float(mask.sum()) > 0.6
+
+
+def test_kahypar_minimises_connectivity_which_noise_decouples_from_blocks():
+    """KaHyPar optimises km1 (sum over columns of parts touched - 1) better than the planted
+    split and than pymetis; but with 5% noise every part touches nearly every column, so the km1
+    optimum is not the planted row groups, which the Jaccard graph + pymetis recovers exactly.
+    That is why pymetis is the default backend."""
+    pytest.importorskip("kahypar")
+    from sklearn.metrics import adjusted_rand_score
+
+    from nmcompile.passes.regroup import hypergraph_partition
+
+    mask = _structured_mask()
+    gen = torch.Generator().manual_seed(0)
+    torch.rand(96, 160, generator=gen)  # replay _structured_mask's draws to get the plant
+    perm_r = torch.randperm(96, generator=gen)
+    planted = np.zeros(96, dtype=np.int64)
+    for i in range(3):
+        planted[perm_r[i * 32 : (i + 1) * 32].numpy()] = i
+
+    def km1(p):
+        touched = torch.stack([mask[torch.from_numpy(p == k)].any(0) for k in range(3)])
+        return int((touched.sum(0)[mask.any(0)] - 1).sum())
+
+    parts = hypergraph_partition(mask, 3, seed=0)
+    assert np.bincount(parts).tolist() == [32, 32, 32]  # balanced within 3%
+    pymetis_parts = _partition(mask, RegroupSettings(parts=3, seed=0))
+    assert km1(parts) < km1(planted) == km1(pymetis_parts)
+    assert adjusted_rand_score(planted, pymetis_parts) == 1.0
+    assert adjusted_rand_score(planted, parts) < 0.5
+    # without noise the km1 optimum is the plant, and KaHyPar finds it
+    clean = torch.zeros_like(mask)
+    perm_c = torch.randperm(160, generator=torch.Generator().manual_seed(1))
+    for i in range(3):
+        rows = torch.from_numpy(np.flatnonzero(planted == i))
+        clean[rows[:, None], perm_c[i * 40 : (i + 1) * 40][None, :]] = True
+    assert adjusted_rand_score(planted, hypergraph_partition(clean, 3, seed=0)) == 1.0
+
+
+def test_unknown_regroup_backend_is_named():
+    with pytest.raises(NMCompileError, match="backend must be one of"):
+        RegroupSettings(backend="hmetis")
+    with pytest.raises(ConfigError, match="regroup_backend"):
+        nmcompile.compile(
+            nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)),
+            "imp-regroup",
+            example_inputs=(torch.randn(2, 8),),
+            regroup_backend="hmetis",
+        )
 
 
 def test_regroup_splits_tall_blocks_and_respects_a_budget():

@@ -260,6 +260,7 @@ class IMPRegroupConfig(IMPConfig):
     regroup_density_factor: float = 1.5
     regroup_block_rows: int = 32
     regroup_neighbors: int = 16
+    regroup_backend: str = "pymetis"
 
     def validate(self) -> None:
         super().validate()
@@ -270,6 +271,11 @@ class IMPRegroupConfig(IMPConfig):
         check_float(self, "regroup_density_factor", 1.0, 10.0)
         check_int(self, "regroup_block_rows", 1)
         check_int(self, "regroup_neighbors", 1)
+        if self.regroup_backend not in ("pymetis", "kahypar"):
+            raise ConfigError(
+                f"{type(self).__name__}.regroup_backend must be 'pymetis' or 'kahypar', got "
+                f"{self.regroup_backend!r}"
+            )
 
     def settings(self) -> RegroupSettings:
         return RegroupSettings(
@@ -281,6 +287,7 @@ class IMPRegroupConfig(IMPConfig):
             block_rows=self.regroup_block_rows,
             neighbors=self.regroup_neighbors,
             seed=self.seed,
+            backend=self.regroup_backend,
         )
 
 
