@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folder)
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
@@ -211,17 +212,13 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
     }
-    runs = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
-    runs = [r for r in runs if r["setting"] == setting]
-    done = {
-        (r["seed"], r["method"], r.get("setting_label"), r.get("channels", False)) for r in runs
-    }
+    log = RunLog(out, setting)
+    runs = log.runs
+    done = log.done(
+        lambda r: (r["seed"], r["method"], r.get("setting_label"), r.get("channels", False))
+    )
     seeds = [int(s) for s in args.seeds.split(",")]
-
-    def record(row: dict) -> None:
-        runs.append(row)
-        with open(out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    record = log.append
 
     for seed in seeds:
         for label, sparsity, budget in SETTINGS:
@@ -229,9 +226,7 @@ def main() -> None:
                 if (seed, m, label, False) in done:
                     continue
                 res = _weights_run(args, seed, m, sparsity, budget)
-                record(
-                    {"seed": seed, "method": m, "setting_label": label, "setting": setting, **res}
-                )
+                record({"seed": seed, "method": m, "setting_label": label, **res})
                 print(
                     f"seed {seed} {label:11s} {m:6s} acc {100 * res['accuracy']:.2f}% flops "
                     f"{res['train_flops'] / 1e12:.3f}e12 ({res['wall_s']:.0f} s)",
@@ -248,7 +243,6 @@ def main() -> None:
                         "method": m,
                         "setting_label": None,
                         "channels": True,
-                        "setting": setting,
                         **res,
                     }
                 )

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torchvision
+from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folder)
 from torch import nn
 
 import nmcompile
@@ -154,9 +155,9 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
     }
-    runs = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
-    runs = [r for r in runs if r["setting"] == setting]
-    done = {(r["model"], r["seed"], r["method"], r["pattern"]) for r in runs}
+    log = RunLog(out, setting)
+    runs = log.runs
+    done = log.done(lambda r: (r["model"], r["seed"], r["method"], r["pattern"]))
     jobs = [
         (args.model, s, m, p)
         for s in map(int, args.seeds.split(","))
@@ -173,17 +174,7 @@ def main() -> None:
         if (model, seed, method, pattern) in done:
             continue
         res = _run(args, model, seed, method, pattern)
-        row = {
-            "model": model,
-            "seed": seed,
-            "method": method,
-            "pattern": pattern,
-            "setting": setting,
-            **res,
-        }
-        runs.append(row)
-        with open(out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        log.append({"model": model, "seed": seed, "method": method, "pattern": pattern, **res})
         print(
             f"{model} {pattern:4s} seed {seed} {method:6s} acc {100 * res['accuracy']:.2f}% "
             f"flops {res['train_flops'] / 1e12:.3f}e12 ({res['wall_s']:.0f} s)",

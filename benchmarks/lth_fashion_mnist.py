@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folder)
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
@@ -181,32 +182,22 @@ def main() -> None:
         "lr": args.lr,
     }
 
-    runs = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    done = {(r["pattern"], r["seed"], r["method"]) for r in runs if r["setting"] == setting}
+    log = RunLog(out, setting)
+    done = log.done(lambda r: (r["pattern"], r["seed"], r["method"]))
     for pattern in patterns:
         for seed in seeds:
             for method in methods:
                 if (pattern, seed, method) in done:
                     continue
                 res = _one_run(args, pattern, seed, method)
-                row = {
-                    "pattern": pattern,
-                    "seed": seed,
-                    "method": method,
-                    "setting": setting,
-                    **res,
-                }
-                runs.append(row)
-                with open(out, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                log.append({"pattern": pattern, "seed": seed, "method": method, **res})
                 print(
                     f"{pattern} seed {seed} {method:9s} acc {100 * res['accuracy']:.2f}% "
                     f"flops {res['train_flops'] / 1e12:.3f}e12 rounds {res['rounds']} "
                     f"({res['wall_s']:.0f} s)",
                     flush=True,
                 )
-    runs = [r for r in runs if r["setting"] == setting]
-    table, claims = summarise(runs, patterns, seeds)
+    table, claims = summarise(log.runs, patterns, seeds)
     summary = {"machine": machine_info(), "setting": setting, "claims": claims, "table": table}
     Path(str(out).replace(".jsonl", ".json")).write_text(json.dumps(summary, indent=2) + "\n")
     print(table)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folder)
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
@@ -179,19 +180,16 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
     }
-    runs = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
-    runs = [r for r in runs if r["setting"] == setting]
-    done = {(r["seed"], r["variant"], r["target"]) for r in runs}
+    log = RunLog(out, setting)
+    runs = log.runs
+    done = log.done(lambda r: (r["seed"], r["variant"], r["target"]))
     jobs = [(s, "imp", max(targets)) for s in seeds]
     jobs += [(s, v, t) for s in seeds for v in VARIANTS[1:] for t in targets]
     for seed, variant, target in jobs:
         if (seed, variant, target) in done:
             continue
         res = _run(args, seed, variant, target)
-        row = {"seed": seed, "variant": variant, "target": target, "setting": setting, **res}
-        runs.append(row)
-        with open(out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        log.append({"seed": seed, "variant": variant, "target": target, **res})
         print(
             f"seed {seed} {variant:11s} target {target:.2f}: acc {100 * res['accuracy']:.2f}% "
             f"sparsity {res['sparsity']:.3f} params {res['params']:,} ORT "
