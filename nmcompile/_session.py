@@ -217,8 +217,11 @@ class Session:
 
     def sample_batch(self, index: int = 0) -> tuple[tuple[Any, ...], torch.Tensor | None]:
         """(inputs, targets or None): training batch ``index`` (mod the epoch) when the trainer
-        exposes its ``train_loader``, else the example inputs. Used by data-driven criteria."""
-        loader = getattr(self.trainer, "train_loader", None)
+        exposes its ``train_loader``, else the example inputs. Used by data-driven criteria. Under
+        torchrun it is the same batch on every rank (the unsharded loader), so decisions agree."""
+        loader = getattr(self.trainer, "unsharded_train_loader", None)
+        if loader is None:
+            loader = getattr(self.trainer, "train_loader", None)
         device = next(self.gm.parameters()).device
         if loader is not None:
             n = len(loader) if hasattr(loader, "__len__") else 1

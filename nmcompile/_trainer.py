@@ -170,7 +170,8 @@ class SupervisedTrainer:
     ``DistributedSampler``) and trains through ``DistributedDataParallel``: each rank's batch is
     ``batch_size``, the global batch ``world_size * batch_size``, and the FLOPs charged per step
     are those of the global batch. Evaluation runs on the whole ``val_loader`` on every rank, so
-    all ranks report the same accuracy.
+    all ranks report the same accuracy. ``find_unused_parameters`` goes to DDP (None: on when the
+    model holds learned-mask modules, whose scores can drop out of the graph).
     """
 
     def __init__(
@@ -186,6 +187,7 @@ class SupervisedTrainer:
         device: str | torch.device = "cpu",
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         progress: bool | None = None,
+        find_unused_parameters: bool | None = None,
     ) -> None:
         for name, value, lo in (("lr", lr, 0.0), ("weight_decay", weight_decay, 0.0)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < lo:
@@ -217,6 +219,8 @@ class SupervisedTrainer:
         self.device = torch.device(device)
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.progress = progress
+        self.find_unused_parameters = find_unused_parameters  # DDP; None: auto
+        self.unsharded_train_loader: Any = None
         self._it: Any = None
         self._position = 0
         self._world = 1
@@ -228,6 +232,9 @@ class SupervisedTrainer:
         self._world = _dist.world_size()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        # methods that score on a batch (RigL's dense gradient, activation criteria) read the
+        # unsharded loader, so every rank scores the same batch and decides the same
+        self.unsharded_train_loader = self.train_loader
         self.train_loader = _shard(self.train_loader, self._world, _dist.rank(), "train_loader")
         self._it, self._position = None, 0
 
@@ -295,8 +302,14 @@ class SupervisedTrainer:
 
             # Re-wrapped every call: the constructor broadcasts rank 0's parameters and buffers,
             # so rewinding or re-initialising between rounds cannot leave the ranks apart.
+            # learned-mask modules can stop using their scores (a group down to one combination)
+            unused = self.find_unused_parameters
+            if unused is None:
+                unused = any(name.endswith("_masker") for name, _ in model.named_modules())
             net = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused,
             )
         opt = torch.optim.SGD(
             params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay

@@ -97,6 +97,16 @@ def test_ddp_two_ranks_match_each_other_and_one_process(reference, tmp_path):
     )
 
 
+@pytest.mark.parametrize("method", ["rigl", "iee", "lbc"])
+def test_ddp_prune_grow_and_learned_masks_stay_identical_across_ranks(tmp_path, method):
+    """Methods that decide from a batch (RigL's dense gradient) or whose mask parameters can drop
+    out of the graph (LBC) still end with one mask on every rank (verified every round too)."""
+    run_worker(tmp_path, "--batch-size", "32", "--method", method, nproc=2)
+    assert_same_masks(masks(tmp_path, 0), masks(tmp_path, 1))
+    for m in masks(tmp_path, 0).values():  # and the masks are real 2:4 / 80% masks
+        assert 0.15 < float(m.float().mean()) <= 0.5
+
+
 def test_ddp_rank_killed_mid_round_resumes_to_the_same_masks(reference, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     run_worker(

@@ -130,17 +130,35 @@ def main() -> None:
     trainer = KillingTrainer(
         train, ds.val, lr=0.05, weight_decay=0.0, progress=False, kill_at=args.kill_at_step
     )
+    from nmcompile._registry import get_method
+
+    fields = get_method(args.method).config_cls.options()
+    options = {}
+    if "iterations_per_round" in fields:  # the round engine: checkpoints and resume
+        options.update(
+            iterations_per_round=args.iterations,
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+        )
+    elif "total_iterations" in fields:  # prune-grow and learned masks
+        options.update(total_iterations=10 * args.iterations)
+        if "update_period" in fields:
+            options.update(update_period=(10, 10, 10))
+        elif "update_interval" in fields:
+            options.update(update_interval=20)
+    elif "finetune_iterations" in fields:
+        options.update(pretrain_iterations=5 * args.iterations, finetune_iterations=args.iterations)
+    if "target_sparsity" in fields and "iterations_per_round" not in fields:
+        options.update(target_sparsity=0.8)
     result = nmcompile.compile(
         model,
         args.method,
         "2:4",
         example_inputs=(ds.example_input(2),),
         trainer=trainer,
-        iterations_per_round=args.iterations,
         seed=args.seed,
         prune_stem=True,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
+        **options,
     )
     from nmcompile import _dist
 
