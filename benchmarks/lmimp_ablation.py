@@ -2,12 +2,13 @@
 
 Same setting as ``lth_fashion_mnist.py --quick`` (small CNN on digits, 40 iterations per round,
 batch 64, lr 0.05, milestones at 50/75% of a round), 3 seeds, 2:4 and 1:4. Variants: ``lmimp``,
-``lmimp`` without early-bird stopping (``eb_start_round`` past the last round), ``lmimp`` without
-PLP (``plp_start_round`` past the last round), and ``mimp`` (neither).
+``lmimp-no-eb`` (early-bird stopping off: ``eb_start_round`` past the last round),
+``lmimp-no-plp`` (PLP off: ``plp_start_round`` past the last round, early-bird from round 2), and
+``mimp`` (neither).
 
     python benchmarks/lmimp_ablation.py      # writes benchmarks/results/lmimp_ablation.json(l)
     python benchmarks/lmimp_ablation.py --model resnet20 --dataset fashion-mnist \
-        --iterations 100 --batch-size 128 --patterns 2:4 --variants "lmimp, no early-bird"
+        --iterations 100 --batch-size 128 --patterns 2:4 --variants lmimp-no-eb
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ RESULTS = Path(__file__).parent / "results"
 NEVER = 10_000  # a round index no run reaches
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lmimp": ("lmimp", {}),
-    "lmimp, no early-bird": ("lmimp", {"eb_start_round": NEVER}),
+    "lmimp-no-eb": ("lmimp", {"eb_start_round": NEVER}),
     # eb_start_round defaults to plp_start_round: keep early-bird on from round 2
-    "lmimp, no PLP": ("lmimp", {"plp_start_round": NEVER, "eb_start_round": 2}),
+    "lmimp-no-plp": ("lmimp", {"plp_start_round": NEVER, "eb_start_round": 2}),
     "mimp": ("mimp", {}),
 }
 
