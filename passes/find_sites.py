@@ -127,6 +127,19 @@ def site_kind(mod: nn.Module) -> str | None:
     return None
 
 
+def _overridden_forward(mod: nn.Module) -> type | None:
+    """The torch base class whose ``forward`` ``mod`` overrides, or None.
+
+    ``insert_masks`` rewrites a site's call into ``F.conv*`` / ``F.linear``; a subclass that
+    overrides ``forward`` (kept opaque through ``leaf_modules``) would silently compute something
+    else after the rewrite, so such a layer is never a site.
+    """
+    for base in (*_CONV_TYPES, nn.Linear):
+        if isinstance(mod, base):
+            return None if type(mod).forward is base.forward else base
+    return None
+
+
 def _is_matmul_site(gm: fx.GraphModule, node: fx.Node) -> bool:
     import torch.nn.functional as F
 
@@ -224,14 +237,15 @@ def find_sites(
                 excluded.append(ExcludedLayer(name, kind, shape, "excluded by the options"))
                 continue
             if pattern is not None and shape[1] % pattern.m:
-                excluded.append(
-                    ExcludedLayer(
-                        name,
-                        kind,
-                        shape,
-                        f"{shape[1]} input features, not a multiple of {pattern.m}",
+                reason = f"{shape[1]} input features, not a multiple of {pattern.m}"
+                excluded.append(ExcludedLayer(name, kind, shape, reason))
+                if warn:
+                    warnings.warn(
+                        f"matmul weight `{name}` has {reason}: excluded from {pattern}; pass "
+                        f"exclude=[{owner!r}] to silence",
+                        NMCompileWarning,
+                        stacklevel=2,
                     )
-                )
                 continue
             sites.append(
                 PrunableSite(name=owner, param=name, kind="matmul", shape=shape, attr=attr)
@@ -247,6 +261,22 @@ def find_sites(
             continue
         if _matches(name, exclude):
             skip("excluded by the exclude option")
+            continue
+        base = _overridden_forward(mod) if kind != "conv_transpose" else None
+        if base is not None:
+            reason = (
+                f"{type(mod).__name__} overrides nn.{base.__name__}.forward, so its call cannot be "
+                "rewritten into a masked one; kept dense"
+            )
+            skip(reason)
+            if warn:
+                warnings.warn(
+                    f"{kind} `{name}`: {reason}. Leave it out of leaf_modules so torch.fx traces "
+                    f"into its forward and prunes the weight there, or pass exclude=[{name!r}] to "
+                    "silence",
+                    NMCompileWarning,
+                    stacklevel=2,
+                )
             continue
         if kind == "conv_transpose":
             skip("transposed conv: its reduction axis is not axis 1 of the weight; kept dense")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import nmcompile
 from nmcompile import ConfigError, InputError, NMPattern, PassError, TraceError
 from nmcompile.passes import (
     NMCompileWarning,
@@ -129,6 +130,32 @@ def test_leaf_modules_make_it_traceable_and_stay_opaque():
     assert [n.target for n in gm2.graph.nodes if n.op == "call_module"] == targets
     with pytest.raises(TraceError, match="not submodules"):
         trace(Outer(), leaf_modules=["nope"])
+
+
+def test_a_leaf_layer_with_its_own_forward_is_never_rewritten():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    net = nn.Sequential(
+        nn.Linear(8, 16),
+        nn.ReLU(),
+        Scaled(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 2),
+    )
+    x = torch.randn(3, 8)
+    with pytest.warns(NMCompileWarning, match=r"`2`: Scaled overrides nn.Linear.forward"):
+        r = nmcompile.compile(net, "asp", "2:4", example_inputs=(x,), leaf_modules=[Scaled])
+    assert sorted(r.masks) == ["4.weight"]
+    assert any(e.name == "2" and "overrides" in e.reason for e in r.excluded)
+    with torch.no_grad():  # all-ones masks: the compiled model computes what the original does
+        r.masked.get_buffer("4.weight_mask").fill_(True)
+        assert torch.allclose(r.masked(x), net(x), atol=1e-6)
+    # traced through (not a leaf), the same layer's weight is pruned where F.linear uses it
+    assert "2.weight" in nmcompile.compile(net, "asp", "2:4", example_inputs=(x,)).masks
 
 
 def test_wrong_example_inputs_name_the_layer():
