@@ -101,6 +101,15 @@ def test_run_errors_are_clear(tmp_path, capsys):
         == 2
     )
     assert "unknown option ['bogus']" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()  # refused before anything was written or trained
+    assert (
+        main(["run", "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "z")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "--checkpoint-dir applies to the methods that train in rounds" in err and "mimp" in err
+    assert not (tmp_path / "z").exists() and not (tmp_path / "ck").exists()
+    assert main(["run", "--lr", "0", "--out", str(tmp_path / "z")]) == 2
+    assert "--lr must be > 0, got 0.0" in capsys.readouterr().err
 
 
 def _gemm_model(path, weight):
@@ -128,6 +137,24 @@ def test_check_command(tmp_path, capsys):
     assert main(["check", str(tmp_path / "good.onnx"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["entries"][0]["status"] == "ok"
+    # A file nmcompile exported declares which weights it pruned: dense-by-design layers (stem,
+    # classifier) do not fail the check unless --all asks for every weight.
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 2),
+    )
+    import nmcompile
+
+    r = nmcompile.compile(net, "asp", "2:4", example_inputs=(torch.randn(2, 8),))
+    r.export_onnx(tmp_path / "ours.onnx")
+    assert main(["check", str(tmp_path / "ours.onnx")]) == 0
+    assert "1/1 pruned weights satisfy 2:4; 2 left dense by design" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "ours.onnx"), "--all"]) == 1
+    assert main(["check", str(tmp_path / "ours.onnx"), "--pattern", "1:4"]) == 1
+    assert "(the file was pruned to 2:4)" in capsys.readouterr().out
     (tmp_path / "notes.txt").write_text("hello, not a model")
     assert main(["check", str(tmp_path / "notes.txt")]) == 2
     assert "notes.txt" in capsys.readouterr().err
