@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ._errors import ConfigError, NMCompileError
-from ._io import atomic_path, atomic_write_json, ensure_dir
+from ._io import atomic_path, atomic_write_json, ensure_dir, fsync_dir
 
 __all__ = ["CheckpointError", "find_latest", "load_round", "save_round"]
 
@@ -60,25 +60,12 @@ def save_round(
         tmp.write_bytes(payload)  # atomic_path fsyncs, then renames over the destination
     digest = hashlib.sha256(payload).hexdigest()
     atomic_write_json(path.with_suffix(".json"), {**meta, "round": round_index, "sha256": digest})
-    _fsync_dir(folder)
+    fsync_dir(folder)
     rounds = sorted(_rounds(folder))
     for old in rounds[:-keep] if keep > 0 else []:
         for suffix in (".pt", ".json"):
             (folder / f"round-{old:04d}{suffix}").unlink(missing_ok=True)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _rounds(folder: Path) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ._errors import OutputPathError
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "ensure_dir"]
+__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "ensure_dir", "fsync_dir"]
 
 
 def ensure_dir(folder: str | os.PathLike, *, what: str = "output folder") -> Path:
@@ -44,6 +44,20 @@ def ensure_dir(folder: str | os.PathLike, *, what: str = "output folder") -> Pat
     return folder
 
 
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -66,6 +80,7 @@ def atomic_path(dest: str | os.PathLike, *, what: str = "output file") -> Iterat
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, dest)
+        fsync_dir(dest.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()

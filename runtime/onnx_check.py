@@ -186,6 +186,10 @@ class OnnxNMReport:
     path: str
     pattern: NMPattern
     entries: tuple[OnnxNMEntry, ...]
+    # What the file says of itself (nmcompile's export metadata): the weights it pruned and the
+    # pattern it pruned them to. None for files without that metadata.
+    declared: tuple[str, ...] | None = None
+    declared_pattern: str | None = None
 
     @property
     def checked(self) -> list[OnnxNMEntry]:
@@ -221,6 +225,14 @@ class OnnxNMReport:
                     return False
         return seen == wanted
 
+    @property
+    def declared_ok(self) -> bool | None:
+        """Whether every weight the file declares as pruned satisfies the checked pattern (None
+        when the file declares nothing). Other weights were left dense on purpose."""
+        if self.declared is None:
+            return None
+        return self.satisfied(self.declared)
+
     def summary(self) -> str:
         """One line, e.g. ``"12/14 weights satisfy 2:4 (2 violate: a (123 of 4096 groups))"``."""
         checked = self.checked
@@ -254,7 +266,23 @@ class OnnxNMReport:
             parts.append("no Conv/MatMul/Gemm weights found")
         elif not checked:
             parts.append("no weight could be checked")
-        return head + (f" ({'; '.join(parts)})" if parts else "")
+        line = head + (f" ({'; '.join(parts)})" if parts else "")
+        if self.declared is not None:
+            wanted = set(self.declared)
+            good_declared = len({e.initializer for e in checked if e.ok} & wanted)
+            dense = sorted({e.initializer for e in self.entries if e.initializer} - wanted)
+            other = (
+                f" (the file was pruned to {self.declared_pattern})"
+                if self.declared_pattern != str(self.pattern)
+                else ""
+            )
+            listed = ", ".join(dense[:_MAX_LISTED]) + (", ..." if len(dense) > _MAX_LISTED else "")
+            line = (
+                f"{good_declared}/{len(wanted)} pruned weights satisfy {self.pattern}{other}"
+                + (f"; {len(dense)} left dense by design ({listed})" if dense else "")
+                + f". All weights: {line}"
+            )
+        return line
 
     def to_markdown(self) -> str:
         """A title line and a table: initializer | op | shape | axis | groups | violations |
@@ -286,6 +314,9 @@ class OnnxNMReport:
             "path": self.path,
             "pattern": str(self.pattern),
             "ok": self.ok,
+            "declared": list(self.declared) if self.declared is not None else None,
+            "declared_pattern": self.declared_pattern,
+            "declared_ok": self.declared_ok,
             "summary": self.summary(),
             "entries": [e.to_json() for e in self.entries],
         }
@@ -325,7 +356,32 @@ def check_onnx(
             f"{label}: could not analyse the model ({type(exc).__name__}: {exc}); the file is "
             "probably corrupt: re-export it"
         ) from exc
-    return OnnxNMReport(path=label, pattern=nm, entries=entries)
+    declared, declared_pattern = _declared(model)
+    return OnnxNMReport(
+        path=label,
+        pattern=nm,
+        entries=entries,
+        declared=declared,
+        declared_pattern=declared_pattern,
+    )
+
+
+def _declared(model: ModelProto) -> tuple[tuple[str, ...] | None, str | None]:
+    """The pruned weights and pattern nmcompile's exporter wrote into ``metadata_props``; a
+    malformed entry is ignored (the file is then checked as any other)."""
+    import json
+
+    props = {p.key: p.value for p in model.metadata_props}
+    raw = props.get("nmcompile.sparse_weights")
+    if raw is None:
+        return None, None
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        return None, None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None, None
+    return tuple(names), props.get("nmcompile.pattern")
 
 
 def _path_label(path: str | os.PathLike[str]) -> str:

@@ -8,8 +8,12 @@
    rename linear weights into MatMul constants; those are matched back by content and renamed to
    the parameter's name so engine reports and checks speak the model's names).
 
-The file is written to a temporary path beside the destination and renamed over it only when all
-checks pass.
+The file is written into a private staging folder beside the destination and moved over it only
+when all checks pass; a model over 2 GB keeps its weights in ``<name>.data`` beside the ``.onnx``
+(the ONNX external-data layout), staged and moved with it, so a failed export leaves neither file.
+A file exported with a pattern carries ``metadata_props`` naming the pattern and the weights that
+were pruned (``nmcompile.pattern``, ``nmcompile.sparse_weights``): ``check_onnx`` reads them back,
+so ``nmcompile check`` tells dense-by-design layers (stem, classifier) from broken ones.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import contextlib
 import copy
 import dataclasses
 import io
+import json
 import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +36,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from nmcompile._errors import ExportError, NMViolationError
-from nmcompile._io import atomic_path
+from nmcompile._errors import ExportError, NMViolationError, OutputPathError
+from nmcompile._io import ensure_dir, fsync_dir
 from nmcompile._pattern import NMPattern
 from nmcompile.passes import PrunableSite, finalize, get_sites, trace
 
-__all__ = ["ExportResult", "export_onnx"]
+__all__ = ["META_PATTERN", "META_SPARSE_WEIGHTS", "ExportResult", "export_onnx"]
 
 _TWO_GB = 2**31 - 2**20
+META_PATTERN = "nmcompile.pattern"
+META_SPARSE_WEIGHTS = "nmcompile.sparse_weights"  # a JSON list of initializer names
 
 
 @dataclass(frozen=True)
@@ -81,8 +90,34 @@ def _flatten(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _rename_weights(model: Any, module: nn.Module, sites: Sequence[PrunableSite]) -> None:
-    """Give constant-folded (transposed) site weights back their parameter names."""
+@contextlib.contextmanager
+def _staged(dest: Path) -> Iterator[Path]:
+    """Yield ``<stage>/<dest.name>`` in a private folder beside ``dest``; on success move every
+    file of the stage (the model and its external-data file) beside ``dest``, the model last."""
+    if dest.is_dir():
+        raise OutputPathError(f"the ONNX file {str(dest)!r} is a folder; give a file path")
+    folder = ensure_dir(dest.parent if str(dest.parent) else ".", what="folder of the ONNX file")
+    stage = Path(tempfile.mkdtemp(dir=folder, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        staged = stage / dest.name
+        yield staged
+        files = sorted(stage.iterdir(), key=lambda f: f == staged)
+        for f in files:
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o644)
+        for f in files:
+            os.replace(f, folder / f.name)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _rename_weights(
+    model: Any, module: nn.Module, sites: Sequence[PrunableSite], base_dir: str
+) -> None:
+    """Give constant-folded (transposed) site weights back their parameter names (external data,
+    when the model has it, is read from ``base_dir`` and never loaded whole)."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -102,7 +137,7 @@ def _rename_weights(model: Any, module: nn.Module, sites: Sequence[PrunableSite]
         for init in by_shape.get(tuple(wt.shape), []):
             if init.name in renames or init.name in {s.param for s in sites}:
                 continue
-            if np.array_equal(numpy_helper.to_array(init), wt):
+            if np.array_equal(numpy_helper.to_array(init, base_dir=base_dir), wt):
                 renames[init.name] = site.param
                 break
     if not renames:
@@ -153,7 +188,7 @@ def export_onnx(
 
     import onnx
 
-    with atomic_path(path, what="ONNX file") as tmp:
+    with _staged(Path(path)) as tmp:
         try:
             sink = io.StringIO()
             with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
@@ -172,11 +207,19 @@ def export_onnx(
                 f"torch.onnx.export failed for {type(module).__name__}: {type(exc).__name__}: "
                 f"{str(exc)[:2000]}"
             ) from exc
-        if nbytes <= _TWO_GB:
-            model = onnx.load(str(tmp))
-            if sites:
-                _rename_weights(model, prepared, sites)
-                onnx.save(model, str(tmp))
+        # Only the graph is loaded: external weights stay in their file, read one by one.
+        model = onnx.load(str(tmp), load_external_data=False)
+        if sites:
+            _rename_weights(model, prepared, sites, str(tmp.parent))
+        if pattern is not None and sites:
+            _set_metadata(
+                model,
+                {
+                    META_PATTERN: str(pattern),
+                    META_SPARSE_WEIGHTS: json.dumps([s.param for s in sites]),
+                },
+            )
+        onnx.save(model, str(tmp))
         try:
             onnx.checker.check_model(str(tmp))
         except Exception as exc:
@@ -207,6 +250,15 @@ def export_onnx(
     if report is not None:
         report = dataclasses.replace(report, path=str(path))
     return ExportResult(Path(path), dtype, max_err, report)
+
+
+def _set_metadata(model: Any, values: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def _verify_ort(

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import nmcompile
-from nmcompile import ExportError, NMPattern, OutputPathError
+from nmcompile import ExportError, NMPattern, NMViolationError, OutputPathError
 from nmcompile.runtime import check_onnx, export_onnx, ort_latency, ort_session, time_interleaved
 
 
@@ -98,6 +98,38 @@ def test_failed_export_leaves_nothing(resnet_result, tmp_path):
     assert not path.exists() and os.listdir(tmp_path) == []
     with pytest.raises(ExportError, match="dtype"):
         resnet_result.export_onnx(path, dtype=torch.int8)
+
+
+def test_external_data_export_lands_both_files_and_nothing_else(monkeypatch, tmp_path):
+    # Force the > 2 GB path (weights in <name>.data beside the model) on a small model.
+    from nmcompile.runtime import onnx_export
+
+    monkeypatch.setattr(onnx_export, "_TWO_GB", 0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    r = nmcompile.compile(net, "asp", "2:4", example_inputs=(torch.randn(2, 8),))
+    res = r.export_onnx(tmp_path / "m.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    assert res.nm_report.satisfied(["2.weight"]) and res.max_rel_error < 1e-3
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+    assert check_onnx(tmp_path / "m.onnx", "2:4").satisfied(["2.weight"])
+    with pytest.raises(NMViolationError, match="break 1:4"):  # fails after the data was written
+        export_onnx(r.module, r.example_inputs, tmp_path / "bad.onnx", pattern="1:4", sites=r.sites)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+
+
+def test_export_declares_its_pruned_weights(resnet_result, tmp_path):
+    res = resnet_result.export_onnx(tmp_path / "m.onnx")
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert props["nmcompile.pattern"] == "2:4"
+    report = check_onnx(tmp_path / "m.onnx", "2:4")
+    assert set(report.declared) == {s.param for s in resnet_result.sites}
+    # the stem and the classifier are dense by design: the file as a whole does not satisfy 2:4,
+    # but every weight it declares pruned does
+    assert report.declared_ok and not report.ok and res.nm_report.declared_ok
+    assert "pruned weights satisfy 2:4; 2 left dense by design (conv1.weight, fc.weight)" in (
+        report.summary()
+    )
 
 
 def test_unwritable_output_folder(resnet_result, tmp_path):
