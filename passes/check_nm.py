@@ -63,17 +63,20 @@ class NMCheckReport:
         return f"{head}; failing: {worst}"
 
 
-def _effective_weights(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+_Effective = tuple[torch.Tensor, torch.Tensor | None, int]  # weight, mask, group axis
+
+
+def _effective_weights(gm: fx.GraphModule) -> dict[str, _Effective]:
+    out: dict[str, _Effective] = {}
     for call in masked_calls(gm):
         if call.site.param in out:
             continue
         w = gm.get_parameter(call.site.param).detach()
         mask = mask_value(gm, call)
-        out[call.site.param] = (w * mask, mask)
+        out[call.site.param] = (w * mask, mask, call.site.group_axis)
     if not out:  # finalized graph: the sites' weights themselves
         for site in get_sites(gm):
-            out[site.param] = (gm.get_parameter(site.param).detach(), None)
+            out[site.param] = (gm.get_parameter(site.param).detach(), None, site.group_axis)
     return out
 
 
@@ -81,11 +84,11 @@ def check_nm(gm: fx.GraphModule, pattern: NMPattern, *, strict: bool = False) ->
     """Check every site of ``gm`` against ``pattern`` and return a per-weight report."""
     entries = []
     with torch.no_grad():
-        for param, (w, mask) in _effective_weights(gm).items():
-            counts = nm_group_counts(w, pattern.m, axis=1)
+        for param, (w, mask, axis) in _effective_weights(gm).items():
+            counts = nm_group_counts(w, pattern.m, axis=axis)
             inexact = 0
             if strict and mask is not None:
-                inexact = int((nm_group_counts(mask, pattern.m, axis=1) != pattern.n).sum())
+                inexact = int((nm_group_counts(mask, pattern.m, axis=axis) != pattern.n).sum())
             entries.append(
                 NMCheckEntry(
                     param=param,

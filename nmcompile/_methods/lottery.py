@@ -371,7 +371,7 @@ def run_eb(session: Session, config: EBConfig) -> None:
 
     def current_masks() -> dict[str, torch.Tensor]:
         return {
-            s.param: pattern.mask(session.weight(s).detach(), transform=torch.abs)
+            s.param: pattern.mask(session.weight(s).detach(), s.group_axis, transform=torch.abs)
             for s in session.sites
         }
 

@@ -82,7 +82,9 @@ def run_asp(session: Session, config: ASPConfig) -> None:
         for site in session.sites:
             # |w| computed chunk by chunk inside the mask kernel (same as magnitude(), one pass less)
             weight = session.weight(site).detach()
-            session.set_mask(site, session.pattern.mask(weight, transform=torch.abs))
+            session.set_mask(
+                site, session.pattern.mask(weight, site.group_axis, transform=torch.abs)
+            )
 
     _one_shot(session, config, prune)
 
@@ -108,6 +110,6 @@ def run_random(session: Session, config: RandomConfig) -> None:
         gen = torch.Generator().manual_seed(config.seed)
         for site in session.sites:
             scores = random_scores(session.weight(site), gen)
-            session.set_mask(site, session.pattern.mask(scores))
+            session.set_mask(site, session.pattern.mask(scores, site.group_axis))
 
     _one_shot(session, config, prune)
