@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = ["ChannelGraph", "ChannelSpace", "Consumer", "build_channel_graph", "layer_module"]
 
@@ -154,6 +156,8 @@ def build_channel_graph(gm: fx.GraphModule, example_inputs: tuple | None = None)
         from .trace import propagate_shapes
 
         propagate_shapes(gm, example_inputs)
+    import networkx as nx  # lazily: ~0.1 s of import time that most runs never need
+
     g = nx.Graph()
     nodes = list(gm.graph.nodes)
     for n in nodes:

@@ -34,7 +34,7 @@ def test_import_is_light(tmp_path):
     code = (
         "import sys, nmcompile, nmcompile.runtime, nmcompile.passes, nmcompile.data, nmcompile.zoo; "
         "heavy = [m for m in ('onnx', 'onnxruntime', 'onnxscript', 'torchvision', 'sklearn', "
-        "'matplotlib', 'pymetis', 'tensorrt') if m in sys.modules]; print(heavy)"
+        "'matplotlib', 'pymetis', 'tensorrt', 'networkx', 'scipy') if m in sys.modules]; print(heavy)"
     )
     proc = _py(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
