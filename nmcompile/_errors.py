@@ -14,6 +14,7 @@ __all__ = [
     "InputError",
     "NMCompileError",
     "NMViolationError",
+    "NonFiniteError",
     "OnnxFileError",
     "OutputPathError",
     "PassError",

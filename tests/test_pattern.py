@@ -112,3 +112,18 @@ def test_mask_keeps_device_and_works_on_half():
     assert nm_mask(w.abs(), NMPattern(1, 4)).sum() == 8 * 4
     w = torch.randn(8, 64).bfloat16()
     assert nm_mask(w.abs(), NMPattern(2, 16)).sum() == 8 * 8
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8), (5, 32)])
+def test_mask_is_exact_across_cpu_chunk_boundaries(n, m):
+    # Several of nm_mask's cache-sized CPU chunks, with the last one partial, and many ties.
+    from nmcompile._pattern import _CHUNK
+
+    k = 3 * _CHUNK // (64 * 9) + 7
+    scores = torch.randn(k, 64, 3, 3, generator=torch.Generator().manual_seed(n * m))
+    scores = (scores * 3).round()
+    assert scores.numel() > 3 * _CHUNK
+    view = group_view(scores, m)  # [k, 64/m, m, 9]
+    order = view.sort(dim=2, descending=True, stable=True).indices  # ties: lower index first
+    ref = torch.zeros_like(view, dtype=torch.bool).scatter_(2, order[:, :, :n], True)
+    assert torch.equal(nm_mask(scores, NMPattern(n, m)), ref.reshape(scores.shape))
