@@ -274,8 +274,10 @@ class Session:
         """Everything needed to continue this run bit for bit (see ``_checkpoint``)."""
         trainer_state = getattr(self.trainer, "state_dict", None)
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # this process's device only: under torchrun every rank has its own, and reading all
+            # of them would open a context on every GPU
+            rng["cuda"] = torch.cuda.get_rng_state()
         return {
             "model": {k: v.detach().cpu().clone() for k, v in self.gm.state_dict().items()},
             "history": [dict(h) for h in self.history],
@@ -297,7 +299,10 @@ class Session:
         if state.get("trainer") is not None and hasattr(self.trainer, "load_state_dict"):
             self.trainer.load_state_dict(state["trainer"])
         torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda_rng = state["rng"].get("cuda")
+        if cuda_rng is not None and torch.cuda.is_available():
+            if isinstance(cuda_rng, (list, tuple)):  # checkpoints that saved every device
+                cuda_rng = cuda_rng[torch.cuda.current_device()]
+            torch.cuda.set_rng_state(cuda_rng)
         self._density = {s.param: float(self.mask(s).sum()) / s.numel for s in self.sites}
         self._mask_version += 1

@@ -223,6 +223,7 @@ class SupervisedTrainer:
         self.unsharded_train_loader: Any = None
         self._it: Any = None
         self._position = 0
+        self._epoch_rng: torch.Tensor | None = None  # global RNG state when the epoch began
         self._world = 1
 
     def _setup_distributed(self) -> None:
@@ -251,6 +252,9 @@ class SupervisedTrainer:
         shorter than an epoch still walk through the whole dataset."""
         for attempt in range(2):
             if self._it is None:
+                # a shuffling DataLoader draws its epoch's order from the global RNG here; keep
+                # the state it drew from, so a resumed run can redraw the same order
+                self._epoch_rng = torch.get_rng_state()
                 self._it = iter(self.train_loader)
                 self._position = 0
             try:
@@ -275,6 +279,7 @@ class SupervisedTrainer:
         return {
             "position": self._position if self._it is not None else 0,
             "loader": loader_state() if callable(loader_state) else None,
+            "epoch_rng": self._epoch_rng if self._it is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -287,8 +292,14 @@ class SupervisedTrainer:
             if hasattr(self.train_loader, "iter_from"):
                 self._it, self._position = self.train_loader.iter_from(position), position
             else:
-                for _ in range(position):
-                    self._next_batch()
+                # Replay the epoch from the RNG state it began with (a RandomSampler's order);
+                # the caller restores the run's own RNG state afterwards.
+                with torch.random.fork_rng(devices=[]):
+                    if state.get("epoch_rng") is not None:
+                        torch.set_rng_state(state["epoch_rng"])
+                    for _ in range(position):
+                        self._next_batch()
+                self._epoch_rng = state.get("epoch_rng")
 
     def train(self, model: nn.Module, iterations: int, on_step: OnStep | None = None) -> None:
         if iterations <= 0:
