@@ -25,7 +25,15 @@ import torch
 from ._errors import ConfigError, NMCompileError
 from ._io import atomic_path, atomic_write_json, ensure_dir, fsync_dir
 
-__all__ = ["CheckpointError", "find_latest", "load_round", "save_round"]
+__all__ = [
+    "CheckpointError",
+    "find_latest",
+    "load_round",
+    "remove_stale_temps",
+    "rounds_in",
+    "save_round",
+    "set_aside",
+]
 
 _NAME = re.compile(r"^round-(\d{4,})\.pt$")
 
@@ -61,11 +69,41 @@ def save_round(
     digest = hashlib.sha256(payload).hexdigest()
     atomic_write_json(path.with_suffix(".json"), {**meta, "round": round_index, "sha256": digest})
     fsync_dir(folder)
-    rounds = sorted(_rounds(folder))
+    # Only rounds older than the one just written go; a newer number is never this run's.
+    rounds = sorted(r for r in _rounds(folder) if r <= round_index)
     for old in rounds[:-keep] if keep > 0 else []:
         for suffix in (".pt", ".json"):
             (folder / f"round-{old:04d}{suffix}").unlink(missing_ok=True)
     return path
+
+
+def rounds_in(folder: str | os.PathLike) -> list[int]:
+    """The round numbers of every checkpoint file in ``folder``, usable or not, ascending."""
+    return sorted(_rounds(Path(folder)))
+
+
+def set_aside(folder: str | os.PathLike, rounds: list[int]) -> list[Path]:
+    """Rename unusable rounds to ``round-<r>.pt.unusable`` (and their sidecars): kept for a look,
+    never matched again, so they can neither be resumed nor make a new round look old."""
+    folder = Path(folder)
+    moved = []
+    for r in rounds:
+        for suffix in (".pt", ".json"):
+            src = folder / f"round-{r:04d}{suffix}"
+            if src.exists():
+                dst = src.with_name(src.name + ".unusable")
+                os.replace(src, dst)
+                moved.append(dst)
+    if moved:
+        fsync_dir(folder)
+    return moved
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> None:
+    """Delete temporary files a killed writer left (``.round-*.tmp``); they are never read."""
+    folder = Path(folder)
+    for p in folder.glob(".round-*.tmp") if folder.is_dir() else []:
+        p.unlink(missing_ok=True)
 
 
 def _rounds(folder: Path) -> list[int]:
@@ -89,11 +127,12 @@ def _check(folder: Path, r: int, meta: dict[str, Any]) -> tuple[bool, str]:
         return False, f"its metadata file is unreadable ({exc})"
     if _sha256(path) != info.get("sha256"):
         return False, "its checksum does not match (truncated or corrupted)"
-    for key in ("method", "config"):
+    for key in meta:
         if info.get(key) != meta.get(key):
+            theirs, ours = repr(info.get(key))[:300], repr(meta.get(key))[:300]
             raise ConfigError(
-                f"checkpoint {path} was written by a run with {key}={info.get(key)!r}, this run "
-                f"has {key}={meta.get(key)!r}. Resume with the same method and options, or pass "
+                f"checkpoint {path} was written by a run with {key}={theirs}, this run has "
+                f"{key}={ours}. Resume with the same model, method, pattern and options, or pass "
                 "a fresh checkpoint_dir"
             )
     return True, ""

@@ -32,6 +32,7 @@ __all__ = [
     "DistributedMismatchError",
     "broadcast_",
     "broadcast_module_",
+    "broadcast_object",
     "enabled",
     "is_main",
     "maybe_init",
@@ -121,6 +122,15 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             broadcast_(t.data, src)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank; ``obj`` itself in one process."""
+    if not enabled():
+        return obj
+    box = [obj]
+    _dist().broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def _digest(tensors: Iterable[torch.Tensor]) -> bytes:

@@ -20,13 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from . import _dist
-from ._checkpoint import find_latest, load_round, save_round
+from ._checkpoint import (
+    find_latest,
+    load_round,
+    remove_stale_temps,
+    rounds_in,
+    save_round,
+    set_aside,
+)
 from ._config import MethodConfig, check_float, check_int
 from ._errors import ConfigError
 from ._io import ensure_dir
@@ -117,6 +125,11 @@ class RoundMethod:
         """True when the mask of the round just trained is the final one."""
         raise NotImplementedError
 
+    def rounds_needed(self, engine: RoundEngine) -> int | None:
+        """Trained rounds (round 0 included) the schedule needs at most, when it is known before
+        training; the engine refuses a ``max_rounds`` below it."""
+        return None
+
     def step_hook(self, engine: RoundEngine, round_index: int) -> OnStep | None:
         """An ``on_step`` callback for the training of ``round_index`` (early stopping), or None."""
         return None
@@ -164,7 +177,15 @@ class RoundEngine:
         self.mask_history: list[torch.Tensor] = []  # packed masks after each pruning step
         self.diagnostics: dict[str, Any] = {}
         self._total = sum(s.numel for s in session.sites)
-        self._meta = {"method": config.name, "config": config.run_key()}
+        self.init_state: dict[str, torch.Tensor] | None = None  # theta_0, for rewind="reinit"
+        # what a checkpoint must match to be resumed: the method, its options, the pattern and
+        # the pruned layers (a 2:4 run's rounds must never continue a 1:4 one)
+        self._meta = {
+            "method": config.name,
+            "config": config.run_key(),
+            "pattern": str(session.pattern) if session.pattern is not None else None,
+            "sites": [s.param for s in session.sites],
+        }
 
     # -- helpers for methods ---------------------------------------------------------------------
     @property
@@ -180,9 +201,26 @@ class RoundEngine:
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.config
+        needed = self.method.rounds_needed(self)
+        if needed is not None and needed > cfg.max_rounds:
+            raise ConfigError(
+                f"{type(cfg).__name__}: this schedule needs {needed} rounds (prune_rate "
+                f"{cfg.prune_rate}), more than max_rounds={cfg.max_rounds}; raise max_rounds or "
+                "prune_rate"
+            )
         if cfg.checkpoint_dir and _dist.is_main():
             # an unwritable folder fails now, not after the first round's training
             ensure_dir(cfg.checkpoint_dir, what="checkpoint folder")
+            remove_stale_temps(cfg.checkpoint_dir)
+            if not cfg.resume and rounds_in(cfg.checkpoint_dir):
+                newest = rounds_in(cfg.checkpoint_dir)[-1]
+                raise ConfigError(
+                    f"checkpoint_dir {cfg.checkpoint_dir!r} already holds the rounds of a run "
+                    f"(newest: round-{newest:04d}.pt); pass resume=True to continue it, or a "
+                    "fresh checkpoint_dir for a new run"
+                )
+        if cfg.rewind == "reinit":
+            self.init_state = self.session.weights_state()
         resumed = self._resume() if cfg.resume else False
         if resumed == "done":
             self.session.diagnostics.update(self.diagnostics)
@@ -191,7 +229,16 @@ class RoundEngine:
             self._round_zero()
         while True:
             trained_round = self.round
-            if self.method.done(self) or trained_round + 1 >= cfg.max_rounds:
+            if self.method.done(self):
+                break
+            if trained_round + 1 >= cfg.max_rounds:
+                self.diagnostics["stopped_at_max_rounds"] = True
+                warnings.warn(
+                    f"{cfg.name}: stopped after max_rounds={cfg.max_rounds} before its schedule "
+                    f"ended; the masks are not final (sparsity {self.session.sparsity():.3f}). Raise "
+                    "max_rounds and resume",
+                    stacklevel=3,
+                )
                 break
             masks, info = self.method.propose(self)
             for site in self.session.sites:
@@ -208,9 +255,19 @@ class RoundEngine:
             steps_wanted = cfg.iterations_per_round - cfg.rewind_at
             early = self._train(steps_wanted, self.round)
             self.session.end_round(**self._pending, **early)
-        self.diagnostics = self._finish()
+        self.diagnostics = {**self.diagnostics, **self._finish()}
+        self._annotate_history()
         self.session.diagnostics.update(self.diagnostics)
         self._checkpoint(done=True)
+
+    def _annotate_history(self) -> None:
+        """Per-round diagnostics known only at the end go into the rounds' history records:
+        pruning step i precedes the training of round i."""
+        rates = self.diagnostics.get("plp_misprediction")
+        if rates:
+            for i, rate in enumerate(rates, start=1):
+                if i < len(self.session.history):
+                    self.session.history[i]["plp_misprediction"] = rate
 
     def _round_zero(self) -> None:
         cfg = self.config
@@ -243,14 +300,29 @@ class RoundEngine:
             self.session.load_weights_state(self.snapshot)
 
     def _reinit(self) -> None:
-        """Fresh random weights (each module's own ``reset_parameters``), seeded per round."""
-        seed = self.config.seed * 1_000_003 + self.round + 1
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            for mod in self.session.gm.modules():
-                reset = getattr(mod, "reset_parameters", None)
-                if callable(reset) and mod is not self.session.gm:
-                    reset()
+        """Fresh random weights drawn from the model's own initialisation, seeded per round.
+
+        The mIMP paper re-initialises "using random numbers generated by the weight
+        initialisation function". That function is the model's, which nmcompile cannot call (a
+        zoo or user model initialises in its constructor, not in ``reset_parameters``, whose
+        PyTorch defaults differ: kaiming-uniform is ~2.5x narrower than the kaiming-normal fan-out
+        the CIFAR ResNets use). So every floating-point tensor gets a fresh random permutation of
+        its own initial values theta_0: a new draw from exactly the per-tensor distribution the
+        model was initialised with, independent of the trained weights. (For an init that is not
+        i.i.d. within a tensor, e.g. orthogonal, the permutation keeps the values, not the
+        structure.) Constant tensors (BatchNorm's 1 and 0, running statistics) come back as they
+        were.
+        """
+        assert self.init_state is not None
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.round + 1)
+        fresh = {}
+        for name, t in self.init_state.items():
+            if t.is_floating_point() and t.numel() > 1:
+                perm = torch.randperm(t.numel(), generator=gen)
+                fresh[name] = t.reshape(-1)[perm].reshape(t.shape)
+            else:
+                fresh[name] = t
+        self.session.load_weights_state(fresh)
 
     def _hamming_to_prev(self) -> float | None:
         if len(self.mask_history) < 2:
@@ -274,6 +346,7 @@ class RoundEngine:
             "done": done,
             "session": self.session.state_dict(),
             "snapshot": self.snapshot,
+            "init_state": self.init_state,
             "mask_history": list(self.mask_history),
             "pending": dict(self._pending),
             "diagnostics": self.diagnostics if done else {},
@@ -292,12 +365,22 @@ class RoundEngine:
 
     def _resume(self) -> bool | str:
         folder = self.config.checkpoint_dir
-        latest = find_latest(folder, self._meta)
+        latest = None
+        if _dist.is_main():
+            latest = find_latest(folder, self._meta)
+            # newer rounds are torn or corrupt: set aside, so the rounds this run writes next are
+            # never taken for older ones (and never pruned in favour of them)
+            set_aside(folder, [r for r in rounds_in(folder) if latest is None or r > latest])
+        # every rank resumes the round rank 0 chose (each one reading its own folder could pick
+        # different rounds and hang in the next collective)
+        latest = _dist.broadcast_object(latest)
         if latest is None:
             return False
         state = load_round(folder, latest)
         self.session.load_state_dict(state["session"])
         self.snapshot = state["snapshot"]
+        if state.get("init_state") is not None:
+            self.init_state = state["init_state"]
         self.mask_history = list(state["mask_history"])
         self._pending = dict(state["pending"])
         self.method.load_state_dict(state["method"])

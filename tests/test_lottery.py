@@ -330,6 +330,11 @@ def test_hamming_matrix_and_plp_misprediction():
     rates = r.diagnostics["plp_misprediction"]
     assert len(rates) == steps
     assert all(x is None or 0.0 <= x <= 1.0 for x in rates)
+    # ... and per round in the history: pruning step i comes before round i's training
+    assert [h.get("plp_misprediction") for h in r.history[1:]] == rates
+    assert "plp_misprediction" not in r.history[0]
+    with pytest.raises(ConfigError, match=r"LMIMPConfig\.plp_diagnostics measures"):
+        nmcompile.compile(_net(), "lmimp", "2:4", example_inputs=(X,), plp_diagnostics=True)
     report = r.report()
     assert "PLP misprediction" in report and "Mask Hamming distance" in report
 
@@ -370,6 +375,18 @@ class Interrupt(Exception):
     pass
 
 
+class CountingTrainer(SupervisedTrainer):
+    """A real trainer that counts its train calls (a resumed run must not redo finished rounds)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.n = 0
+
+    def train(self, model, iterations, on_step=None):
+        self.n += 1
+        return super().train(model, iterations, on_step)
+
+
 class DyingTrainer(SupervisedTrainer):
     """A real trainer that dies in the middle of its ``die_on``-th train call."""
 
@@ -391,15 +408,17 @@ class DyingTrainer(SupervisedTrainer):
         return super().train(model, iterations, on_step)
 
 
-def _digits_run(tmp, method, trainer_cls=SupervisedTrainer, resume=False, **kw):
+def _digits_run(
+    tmp, method, trainer_cls=SupervisedTrainer, resume=False, pattern="2:4", loader=None, **kw
+):
     ds = data.load("digits", batch_size=32, seed=0)
     torch.manual_seed(0)
     model = zoo.create("cnn", in_channels=1, image_size=8)
-    trainer = trainer_cls(ds.train, ds.val, lr=0.05, progress=False, **kw)
-    return nmcompile.compile(
+    trainer = trainer_cls(loader or ds.train, ds.val, lr=0.05, progress=False, **kw)
+    result = nmcompile.compile(
         model,
         method,
-        "2:4",
+        pattern,
         example_inputs=(ds.example_input(2),),
         trainer=trainer,
         iterations_per_round=30,
@@ -407,6 +426,21 @@ def _digits_run(tmp, method, trainer_cls=SupervisedTrainer, resume=False, **kw):
         resume=resume,
         seed=3,
     )
+    result.trainer = trainer
+    return result
+
+
+def _strip(history):
+    return [{k: v for k, v in h.items() if k != "wall_s"} for h in history]
+
+
+def _assert_same_run(a, b):
+    assert a.masks.keys() == b.masks.keys()
+    for k in a.masks:
+        assert torch.equal(a.masks[k], b.masks[k]), k
+    assert _strip(a.history) == _strip(b.history)
+    for k, v in a.module.state_dict().items():
+        assert torch.equal(b.module.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize("method", ["lmimp", "mimp-rand"])
@@ -416,17 +450,53 @@ def test_resume_after_interruption_gives_the_uninterrupted_masks(tmp_path, metho
         _digits_run(tmp_path / "cut", method, DyingTrainer, die_on=3)
     saved = sorted(p.name for p in (tmp_path / "cut").glob("round-*.pt"))
     assert saved and len(saved) <= 2  # keep_checkpoints=2
-    resumed = _digits_run(tmp_path / "cut", method, resume=True)
-    assert resumed.masks.keys() == full.masks.keys()
-    for k in full.masks:
-        assert torch.equal(resumed.masks[k], full.masks[k]), k
-    strip = lambda hs: [{k: v for k, v in h.items() if k != "wall_s"} for h in hs]  # noqa: E731
-    assert strip(resumed.history) == strip(full.history)
-    for k, v in full.module.state_dict().items():
-        assert torch.equal(resumed.module.state_dict()[k], v), k
-    # resuming a finished run returns its result without training again
-    again = _digits_run(tmp_path / "cut", method, resume=True)
-    assert strip(again.history) == strip(full.history)
+    resumed = _digits_run(tmp_path / "cut", method, CountingTrainer, resume=True)
+    _assert_same_run(full, resumed)
+    # it continued: rounds 0 and 1 finished before the kill in round 2's training, so the
+    # resumed run trains round 2 again and the rest, not the two finished ones
+    assert resumed.trainer.n == len(full.history) - 2
+    # resuming a finished run returns its result without training at all
+    again = _digits_run(tmp_path / "cut", method, CountingTrainer, resume=True)
+    assert _strip(again.history) == _strip(full.history) and again.trainer.n == 0
+
+
+def test_resume_is_exact_with_a_shuffling_dataloader(tmp_path):
+    # A plain DataLoader draws each epoch's order from the global RNG when the epoch starts;
+    # the resumed run must replay that epoch in the same order. 30-iteration rounds over 45
+    # batches per epoch: the kill lands mid-epoch.
+    ds = data.load("digits", batch_size=32, seed=0)
+    dataset = torch.utils.data.TensorDataset(ds.train.x, ds.train.y)
+
+    def loader():
+        return torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
+
+    full = _digits_run(tmp_path / "full", "mimp", loader=loader())
+    with pytest.raises(Interrupt):
+        _digits_run(tmp_path / "cut", "mimp", DyingTrainer, loader=loader(), die_on=3)
+    resumed = _digits_run(tmp_path / "cut", "mimp", CountingTrainer, loader=loader(), resume=True)
+    _assert_same_run(full, resumed)
+    assert resumed.trainer.n == len(full.history) - 2
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_runs_rounds(tmp_path):
+    _digits_run(tmp_path / "a", "imp")
+    with pytest.raises(ConfigError, match=r"already holds the rounds of a run.*resume=True"):
+        _digits_run(tmp_path / "a", "imp")
+
+
+def test_resume_refuses_the_rounds_of_another_pattern(tmp_path):
+    _digits_run(tmp_path / "a", "mimp")
+    with pytest.raises(ConfigError, match=r"written by a run with pattern='2:4'.*pattern='1:4'"):
+        _digits_run(tmp_path / "a", "mimp", pattern="1:4", resume=True)
+
+
+def test_max_rounds_below_the_schedule_is_refused_up_front():
+    with pytest.raises(ConfigError, match=r"needs 78 rounds \(prune_rate 0.05\).*max_rounds=60"):
+        nmcompile.compile(_net(), "mimp", "2:4", example_inputs=(X,), prune_rate=0.05)
+    for method in ("mimp", "imp"):  # the prediction is the number of rounds the run trains
+        r = nmcompile.compile(_net(), method, "2:4", example_inputs=(X,), iterations_per_round=1)
+        assert len(r.history) == (19 if method == "mimp" else 9)
+        assert check_nm(r.masked, NMPattern(2, 4)).ok or method == "imp"
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
@@ -441,6 +511,24 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     ):
         r = _digits_run(tmp_path / "a", "imp", resume=True)
     assert r.history[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    # the torn round was set aside (kept for a look, never matched again), and the rounds the
+    # resumed run wrote are the folder's newest
+    assert (tmp_path / "a" / f"{newest.name}.unusable").is_file()
+    assert sorted((tmp_path / "a").glob("round-*.pt"))[-1].name == newest.name
+
+
+def test_random_reinit_draws_from_the_models_own_initialisation():
+    # mimp-rand re-initialises each round: every weight tensor becomes a fresh permutation of
+    # its initial values (the zoo's kaiming-normal fan-out here, not PyTorch's reset defaults)
+    torch.manual_seed(0)
+    model = zoo.create("cnn", in_channels=1, image_size=8)
+    x = torch.randn(2, 1, 8, 8)
+    r = nmcompile.compile(model, "mimp-rand", "2:4", example_inputs=(x,), iterations_per_round=1)
+    for name, init in model.state_dict().items():
+        now = r.masked.state_dict()[name]
+        if init.is_floating_point() and init.numel() > 1 and init.unique().numel() > 1:
+            assert not torch.equal(now, init), name
+            assert torch.equal(now.reshape(-1).sort().values, init.reshape(-1).sort().values), name
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):

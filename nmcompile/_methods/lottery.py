@@ -107,6 +107,19 @@ class _IMP(RoundMethod):
         target_kept = round((1.0 - self.config.target_sparsity) * engine.total_weights)
         return self._kept(engine) <= target_kept
 
+    def rounds_needed(self, engine):
+        # the integer recurrence of propose(), from the dense start
+        kept = engine.total_weights
+        target_kept = round((1.0 - self.config.target_sparsity) * kept)
+        rounds = 1
+        while kept > target_kept:
+            k = min(round(self.config.prune_rate * kept), kept - target_kept)
+            if k <= 0:
+                return None  # a rate too small to prune anything: the run says so at max_rounds
+            kept -= k
+            rounds += 1
+        return rounds
+
 
 @register_method(
     "imp",
@@ -176,6 +189,12 @@ class LMIMPConfig(MIMPConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.plp_diagnostics:
+            raise ConfigError(
+                "LMIMPConfig.plp_diagnostics measures how often PLP would prune a weight that "
+                "plain mIMP keeps; L-mIMP applies PLP, so there is nothing to compare. Run mimp "
+                "with plp_diagnostics=True (its default) for the misprediction rate"
+            )
         check_float(self, "beta", 0.0, 1.0, lo_open=True)
         check_int(self, "plp_start_round", 0)
         if self.eb_interval is not None:
@@ -263,6 +282,21 @@ class _MIMP(RoundMethod):
 
     def done(self, engine):
         return self.cleared
+
+    def rounds_needed(self, engine):
+        # mIMP's pool recurrence (LTP only; PLP can only end the schedule sooner). Every group
+        # keeps its N winners, so the pool starts at (1 - N/M) of the weights.
+        pattern = engine.session.pattern
+        total = engine.total_weights
+        pool = total - total // pattern.m * pattern.n
+        rounds = 1
+        while True:
+            pool -= round(self.config.prune_rate * pool)
+            rounds += 1
+            if pool <= self.config.epsilon * total:
+                return rounds
+            if rounds > 10_000:
+                return None
 
     def step_hook(self, engine, round_index):
         cfg = self.config

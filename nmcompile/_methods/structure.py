@@ -145,6 +145,10 @@ class _IMPRefill(_IMP):
     def done(self, engine):
         return self.refilled
 
+    def rounds_needed(self, engine):
+        imp = super().rounds_needed(engine)
+        return None if imp is None else imp + 1  # the refilled ticket trains one more round
+
     def _refill(self, engine):
         session = engine.session
         cfg = self.config
@@ -364,6 +368,12 @@ class _IMPRegroup(_IMP):
 
     def done(self, engine):
         return self.regrouped
+
+    def rounds_needed(self, engine):
+        if self.every_round:
+            return None  # each regroup refills weights inside blocks: the count is data-dependent
+        imp = super().rounds_needed(engine)
+        return None if imp is None else imp + 1  # the regrouped ticket trains one more round
 
     def finish(self, engine):
         return {"blocks": self.blocks}
