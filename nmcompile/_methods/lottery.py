@@ -26,7 +26,11 @@ available as ``plp_norm="max"``: ``v = |w| / max |w|`` in the group, with alpha 
 *Early bird.* From training round ``eb_start_round`` on (default R_t, as in A.3), every
 ``eb_interval`` iterations the mask the next pruning step would produce is computed from the
 current weights; when its average per-layer Hamming distance to the previous one is below
-``beta`` the round stops early.
+``beta`` the round stops early. The previous mask starts afresh every round, so a round trains
+at least ``2 * eb_interval`` iterations. Algorithm 2 never resets ``B_last``: its first check of
+a round compares with the last candidate of the round before, the mask the pruning step just
+applied, from which the new candidate differs only by that step's prune; with beta = 0.1 that
+stops nearly every round at its first check, before the rewound weights trained at all.
 
 ``eb`` — the early-bird baseline (You et al. 2020) for N:M: dense training, checking the N:M
 magnitude mask every ``eb_interval`` iterations; once the last ``eb_queue`` masks all lie within
