@@ -149,8 +149,9 @@ def same_on_all_ranks(tensors: Iterable[torch.Tensor], what: str) -> None:
         return
     dist = _dist()
     mine = torch.frombuffer(bytearray(_digest(tensors)), dtype=torch.uint8)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, _comm_tensor(mine))
+    buf = _comm_tensor(mine)  # on the GPU under nccl: the gathered tensors must be there too
+    gathered = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, buf)
     differ = [r for r, g in enumerate(gathered) if not torch.equal(g.cpu(), mine)]
     if differ:
         raise DistributedMismatchError(

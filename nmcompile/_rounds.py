@@ -359,7 +359,7 @@ class RoundEngine:
                 self.config.checkpoint_dir,
                 self.round if not done else self.round + 1,
                 self._state(done),
-                self._meta,
+                {**self._meta, "written_by_rank": _dist.rank()},
                 keep=self.config.keep_checkpoints,
             )
 

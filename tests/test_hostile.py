@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -44,9 +45,16 @@ def test_non_finite_weight_in_an_excluded_layer_is_still_refused():
 
 
 class ExplodingTrainer:
-    """A user trainer whose updates overflow (the protocol, not a mock of ours)."""
+    """A user trainer whose updates overflow in its ``explode_on``-th call (the protocol, not a
+    mock of ours)."""
+
+    def __init__(self, explode_on: int = 1) -> None:
+        self.explode_on, self.calls = explode_on, 0
 
     def train(self, model, iterations, on_step=None):
+        self.calls += 1
+        if self.calls < self.explode_on:
+            return
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1e30).mul_(1e30)
@@ -59,8 +67,22 @@ def test_divergence_during_training_stops_with_the_round_and_keeps_checkpoints(t
     with pytest.raises(NonFiniteError, match=r"after round 0: .*training diverged"):
         nmcompile.compile(
             mlp(), "imp", example_inputs=(X,), trainer=ExplodingTrainer(),
-            iterations_per_round=5, checkpoint_dir=str(tmp_path / "ck"),
+            iterations_per_round=5,
         )  # fmt: skip
+    # diverging in round 2: the rounds before it stay on disk, loadable and finite
+    from nmcompile._checkpoint import find_latest, load_round
+
+    ck = tmp_path / "ck"
+    with pytest.raises(NonFiniteError, match=r"after round 2: .*training diverged"):
+        nmcompile.compile(
+            mlp(), "imp", example_inputs=(X,), trainer=ExplodingTrainer(explode_on=3),
+            iterations_per_round=5, checkpoint_dir=str(ck),
+        )  # fmt: skip
+    meta = json.loads(sorted(ck.glob("round-*.json"))[-1].read_text())
+    latest = find_latest(ck, {k: meta[k] for k in ("method", "config", "pattern", "sites")})
+    assert latest == 2  # taken after round 2's pruning, before the training that diverged
+    state = load_round(ck, latest)
+    assert all(torch.isfinite(t).all() for t in state["session"]["model"].values())
 
 
 def test_zero_size_layers_are_excluded_with_a_reason():

@@ -2,10 +2,12 @@
 
 Single process:  python tests/workers/digits_run.py OUT --batch-size 64
 Two ranks:       torchrun --nproc_per_node=2 tests/workers/digits_run.py OUT --batch-size 32
-Fault injection: --kill-at-step N (SIGKILL itself after N optimizer steps of the whole run) or
-                 --kill-in-checkpoint N (SIGKILL itself half-way through writing checkpoint N, as a
-                 non-atomic writer would leave it) or --kill-before-sidecar N (after checkpoint
-                 N's payload landed, before its checksum file).
+Fault injection: --kill-at-step N (SIGKILL itself after N optimizer steps of the whole run;
+                 with --kill-rank R only rank R dies) or --kill-in-checkpoint N (SIGKILL itself
+                 half-way through writing checkpoint N, as a non-atomic writer would leave it) or
+                 --kill-in-atomic-write N (half-way through the real atomic writer's temp file)
+                 or --kill-before-sidecar N (after checkpoint N's payload landed, before its
+                 checksum file).
 
 Writes OUT/masks-rank<r>.pt and OUT/history-rank<r>.json.
 """
@@ -76,6 +78,36 @@ def _kill_while_writing_checkpoint(n: int) -> None:
     rounds.save_round = torn_save
 
 
+def _kill_inside_atomic_write(n: int) -> None:
+    """SIGKILL half-way through the n-th payload write of the real atomic writer: the temp file
+    it leaves must be cleaned up and never read."""
+    import contextlib
+
+    from nmcompile import _checkpoint
+
+    real = _checkpoint.atomic_path
+    calls = {"n": 0}
+
+    class HalfWriter:
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def write_bytes(self, payload: bytes) -> None:
+            with open(self.path, "wb") as fh:
+                fh.write(payload[: len(payload) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+            _die()
+
+    @contextlib.contextmanager
+    def dying_atomic_path(dest, **kw):
+        calls["n"] += 1
+        with real(dest, **kw) as tmp:
+            yield HalfWriter(tmp) if calls["n"] == n else tmp
+
+    _checkpoint.atomic_path = dying_atomic_path
+
+
 def _kill_before_sidecar(n: int) -> None:
     """Kill the process after the n-th checkpoint payload landed but before its checksum file."""
     from nmcompile import _checkpoint
@@ -105,10 +137,14 @@ def main() -> None:
     ap.add_argument("--kill-at-step", type=int, default=None)
     ap.add_argument("--kill-in-checkpoint", type=int, default=None)
     ap.add_argument("--kill-before-sidecar", type=int, default=None)
+    ap.add_argument("--kill-in-atomic-write", type=int, default=None)
+    ap.add_argument("--kill-rank", type=int, default=None, help="only this rank dies (torchrun)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.kill_in_checkpoint is not None:
         _kill_while_writing_checkpoint(args.kill_in_checkpoint)
+    if args.kill_in_atomic_write is not None:
+        _kill_inside_atomic_write(args.kill_in_atomic_write)
     if args.kill_before_sidecar is not None:
         _kill_before_sidecar(args.kill_before_sidecar)
     out = Path(args.out)
@@ -127,8 +163,10 @@ def main() -> None:
     )
     torch.manual_seed(args.seed)
     model = zoo.create(args.model, in_channels=1, image_size=8)
+    my_rank = int(os.environ.get("RANK", "0"))
+    kill_at = args.kill_at_step if args.kill_rank in (None, my_rank) else None
     trainer = KillingTrainer(
-        train, ds.val, lr=0.05, weight_decay=0.0, progress=False, kill_at=args.kill_at_step
+        train, ds.val, lr=0.05, weight_decay=0.0, progress=False, kill_at=kill_at
     )
     from nmcompile._registry import get_method
 
@@ -165,8 +203,9 @@ def main() -> None:
     r = _dist.rank()
     torch.save(result.masks, out / f"masks-rank{r}.pt")
     hist = [{k: v for k, v in h.items() if k != "wall_s"} for h in result.history]
+    # steps: optimizer steps this process ran (a resumed run must run fewer than a fresh one)
     (out / f"history-rank{r}.json").write_text(
-        json.dumps({"world": _dist.world_size(), "history": hist})
+        json.dumps({"world": _dist.world_size(), "history": hist, "steps": trainer.steps})
     )
 
 
