@@ -61,14 +61,23 @@ def time_interleaved(
     repeat: int = 50,
     sync: Callable[[], None] | None = None,
     cuda_events: bool = False,
+    calls_per_sample: int = 1,
 ) -> dict[str, LatencyStats]:
     """Time each callable ``repeat`` times, interleaved, after ``warmup`` untimed calls each.
 
     ``cuda_events=True`` times GPU work with CUDA events recorded on the current stream around
     each call (the device's own clock, no host launch jitter in the number).
+    ``calls_per_sample``: run each callable that many times back to back per timed sample and
+    report the time per call. For GPU work shorter than a kernel launch plus a synchronisation
+    (small linears, batch 1), one call per sample times the host; several queue up and time the
+    device.
     """
-    if repeat < 1 or warmup < 0:
-        raise ValueError(f"need repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
+    if repeat < 1 or warmup < 0 or calls_per_sample < 1:
+        raise ValueError(
+            f"need repeat >= 1, warmup >= 0 and calls_per_sample >= 1, got repeat={repeat}, "
+            f"warmup={warmup}, calls_per_sample={calls_per_sample}"
+        )
+    k_calls = calls_per_sample
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -84,20 +93,23 @@ def time_interleaved(
     for r in range(repeat):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            fn = fns[name]
             if cuda_events:
                 start.record()
-                fns[name]()
+                for _ in range(k_calls):
+                    fn()
                 end.record()
                 end.synchronize()
-                times[name].append(int(start.elapsed_time(end) * 1e6))
+                times[name].append(int(start.elapsed_time(end) * 1e6 / k_calls))
                 continue
             if sync:
                 sync()
             t0 = time.perf_counter_ns()
-            fns[name]()
+            for _ in range(k_calls):
+                fn()
             if sync:
                 sync()
-            times[name].append(time.perf_counter_ns() - t0)
+            times[name].append((time.perf_counter_ns() - t0) // k_calls)
     return {n: _stats(n, times[n]) for n in names}
 
 

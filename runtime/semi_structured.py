@@ -1,10 +1,17 @@
 """torch 2:4 semi-structured sparsity on NVIDIA GPUs.
 
 ``to_semi_structured(module)`` compresses every eligible weight with
-``torch.sparse.to_sparse_semi_structured``: ``nn.Linear`` layers, and 1x1 convolutions (stride 1,
-no padding, no groups) which run as a linear layer over channels-last activations. The kernels
-are cuSPARSELt where available (required on Hopper, where CUTLASS's sparse kernels do not run)
-and CUTLASS on SM8x.
+``torch.sparse.to_sparse_semi_structured``: ``nn.Linear`` layers, ``F.linear`` calls on a 2-D
+parameter in a GraphModule (the packed qkv ``in_proj_weight`` of attention after nmcompile's
+tracing), and 1x1 convolutions (stride 1, no padding, no groups) which run as a linear layer over
+channels-last activations. The kernels are cuSPARSELt where available (required on Hopper, where
+CUTLASS's sparse kernels do not run) and CUTLASS on SM8x.
+
+torch's sparse linear views its input as 2-D (``A.view(-1, C)``) and, outside inference mode,
+decomposes a batched ``F.linear`` into ops the sparse tensor refuses (``expand``); a permuted
+NCHW activation breaks both. So every converted layer flattens its input to a contiguous
+``[tokens, C]`` matrix itself (a view for contiguous and channels-last inputs, one copy
+otherwise) and works under ``no_grad`` and ``inference_mode`` alike.
 
 A layer stays dense, with the reason recorded, when its weight does not satisfy 2:4 along the
 input features, when the dtype has no sparse kernel in the chosen backend, or when its shape is
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,8 +39,10 @@ from nmcompile._pattern import NMPattern, nm_violations
 __all__ = [
     "SemiStructuredConv1x1",
     "SemiStructuredDecision",
+    "SemiStructuredLinear",
     "SemiStructuredResult",
     "kernel_constraints",
+    "linear_2d",
     "plan_semi_structured",
     "to_semi_structured",
 ]
@@ -77,8 +87,8 @@ def default_backend() -> str:
 
 @dataclass(frozen=True)
 class SemiStructuredDecision:
-    name: str
-    kind: str  # "linear" | "conv1x1"
+    name: str  # module path, or the parameter's path for a "matmul" (F.linear on a parameter)
+    kind: str  # "linear" | "conv1x1" | "matmul"
     shape: tuple[int, ...]  # the weight as the kernel sees it: (out, in)
     convert: bool
     reason: str
@@ -104,15 +114,16 @@ def plan_semi_structured(
     if backend not in _FALLBACK:
         raise ConfigError(f"backend must be 'cusparselt' or 'cutlass', got {backend!r}")
     limits = kernel_constraints(backend)
-    out = []
+    candidates: list[tuple[str, str, torch.Tensor]] = []
     for name, mod in module.named_modules():
         if isinstance(mod, nn.Linear):
-            kind = "linear"
+            candidates.append((name, "linear", mod.weight))
         elif _is_1x1(mod):
-            kind = "conv1x1"
-        else:
-            continue
-        w = mod.weight.detach()
+            candidates.append((name, "conv1x1", mod.weight))
+    candidates += [(p, "matmul", module.get_parameter(p)) for p in _matmul_params(module)]
+    out = []
+    for name, kind, w in candidates:
+        w = w.detach()
         shape = (int(w.shape[0]), int(w.shape[1]))
         reason = ""
         if dtype not in limits:
@@ -137,8 +148,49 @@ def plan_semi_structured(
     return out
 
 
+def _matmul_params(module: nn.Module) -> list[str]:
+    """2-D parameters a GraphModule feeds to ``F.linear`` itself (not through an nn.Linear)."""
+    if not isinstance(module, fx.GraphModule):
+        return []
+    out = []
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target not in (F.linear, linear_2d):
+            continue
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(w, fx.Node) and w.op == "get_attr" and w.target not in out:
+            try:
+                p = module.get_parameter(w.target)
+            except AttributeError:
+                continue
+            if p.dim() == 2:
+                out.append(w.target)
+    return out
+
+
+def linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.linear`` over a contiguous ``[tokens, in]`` view of ``x`` (see the module docstring)."""
+    lead = x.shape[:-1]
+    y = F.linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+    return y.reshape(*lead, y.shape[-1])
+
+
+class SemiStructuredLinear(nn.Linear):
+    """An ``nn.Linear`` holding a 2:4 semi-structured weight; same attributes, so code that reads
+    ``.weight`` / ``.bias`` directly (``F.multi_head_attention_forward``) still finds them."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_2d(x, self.weight, self.bias)
+
+
 class SemiStructuredConv1x1(nn.Module):
-    """A 1x1 convolution run as a 2:4 semi-structured linear layer over channels-last pixels."""
+    """A 1x1 convolution run as a 2:4 semi-structured linear layer over channels-last pixels
+    (a free view when the activation is channels-last, one copy when it is NCHW)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -146,8 +198,17 @@ class SemiStructuredConv1x1(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias)
-        return y.permute(0, 3, 1, 2)
+        return linear_2d(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _outputs(o)]
+    return []
 
 
 @dataclass
@@ -167,6 +228,17 @@ class SemiStructuredResult:
             f"  dense: {d.name} ({d.kind} {d.shape[0]}x{d.shape[1]}): {d.reason}" for d in dense
         ]
         return "\n".join(lines)
+
+
+def _route_through_linear_2d(gm: fx.GraphModule, params: set[str]) -> None:
+    """Point the ``F.linear`` calls on the converted parameters at :func:`linear_2d`."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not F.linear:
+            continue
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(w, fx.Node) and w.op == "get_attr" and w.target in params:
+            node.target = linear_2d
+    gm.recompile()
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -206,8 +278,8 @@ def to_semi_structured(
     decisions = plan_semi_structured(module, dtype=dtype, backend=backend)
     reference = None
     if example_inputs is not None:
-        with torch.no_grad():
-            reference = module(*example_inputs)
+        with torch.inference_mode():  # the mode the latency harness times in
+            reference = _outputs(module(*example_inputs))
     target = module if inplace else copy.deepcopy(module)
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
@@ -217,22 +289,30 @@ def to_semi_structured(
         for d in decisions:
             if not d.convert:
                 continue
+            if d.kind == "matmul":
+                owner, _, attr = d.name.rpartition(".")
+                holder = target.get_submodule(owner) if owner else target
+                w = getattr(holder, attr).detach().contiguous()
+                setattr(holder, attr, nn.Parameter(to_sparse_semi_structured(w), False))
+                continue
             mod = target.get_submodule(d.name)
             w = mod.weight.detach().reshape(d.shape).contiguous()
             sparse = to_sparse_semi_structured(w)
-            if d.kind == "linear":
-                mod.weight = nn.Parameter(sparse, requires_grad=False)
-            else:
-                bias = None if mod.bias is None else mod.bias.detach()
-                _set_submodule(target, d.name, SemiStructuredConv1x1(sparse, bias))
+            bias = None if mod.bias is None else mod.bias.detach()
+            cls = SemiStructuredLinear if d.kind == "linear" else SemiStructuredConv1x1
+            _set_submodule(target, d.name, cls(sparse, bias))
     finally:
         SparseSemiStructuredTensor._FORCE_CUTLASS = previous
+    matmuls = {d.name for d in decisions if d.kind == "matmul" and d.convert}
+    if matmuls:
+        _route_through_linear_2d(target, matmuls)
     err = None
     if reference is not None:
-        with torch.no_grad():
-            got = target(*example_inputs)
-        err = float(
-            (got.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12)
+        with torch.inference_mode():
+            got = _outputs(target(*example_inputs))
+        err = max(
+            float((g.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12))
+            for g, r in zip(got, reference)
         )
         if not err <= rtol:
             raise NMCompileError(

@@ -37,6 +37,7 @@ __all__ = [
     "TrtLayer",
     "TrtRunner",
     "build_engine",
+    "onnx_node_order",
     "parse_engine_info",
     "parse_sparsity_log",
     "sparsity_report",
@@ -155,28 +156,56 @@ def parse_sparsity_log(messages: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
+_FOREIGN = re.compile(r"\{ForeignNode\[(.+?)\.\.\.(.+?)\]\}")
+
+
+def _names_node(layer_name: str, node: str) -> bool:
+    """Whether ``node`` appears in ``layer_name`` as a whole name: ``node_Conv_1`` must not
+    match inside ``node_Conv_12`` (exporters number nodes)."""
+    return re.search(rf"(?<![\w.]){re.escape(node)}(?![\w.])", layer_name) is not None
+
+
 def sparsity_report(
-    nm_report: Any, layers: Sequence[TrtLayer], log: Mapping[str, list[str]] | None = None
+    nm_report: Any,
+    layers: Sequence[TrtLayer],
+    log: Mapping[str, list[str]] | None = None,
+    node_order: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Join nmcompile's per-weight N:M check of the ONNX file with the engine's layers.
 
     A TensorRT layer name contains the ONNX node names it was built from (fused layers join them
-    with ``" + "``), so each checked weight is matched to the layer whose name holds its node.
+    with ``" + "``), so each checked weight is matched to the layer whose name holds its node as
+    a whole name. Transformer blocks that TensorRT hands to its Myelin compiler become one layer
+    ``{ForeignNode[first...last]}`` naming only the first and last ONNX node of the range; given
+    the file's ``node_order``, the nodes in between are matched to it, with ``opaque`` set: the
+    inspector reports no tactic per operation inside it, so whether 2:4 kernels ran there is
+    unknown (``sparse_picked`` None), not "dense".
     """
     picked_log = set((log or {}).get("picked", []))
+    position = {name: i for i, name in enumerate(node_order or ())}
+    ranges = []
+    for layer in layers:
+        m = _FOREIGN.search(layer.name)
+        if m and m.group(1) in position and m.group(2) in position:
+            ranges.append((position[m.group(1)], position[m.group(2)], layer))
     rows = []
     for entry in nm_report.entries:
         if entry.status == "not-constant":
             continue
         node = entry.node
-        # exact or fused-part match first ("a + b"), then a containing name as a last resort
+        # exact or fused-part match first ("a + b"), then the name anywhere as a whole word
         match = next(
             (layer for layer in layers if node and node in re.split(r"\s*\+\s*", layer.name)),
             None,
         )
         if match is None and node:
-            match = next((layer for layer in layers if node in layer.name), None)
-        sparse = match.sparse if match else None
+            match = next((layer for layer in layers if _names_node(layer.name, node)), None)
+        opaque = False
+        if match is None and node in position:
+            i = position[node]
+            match = next((layer for lo, hi, layer in ranges if lo <= i <= hi), None)
+            opaque = match is not None
+        sparse = None if opaque else (match.sparse if match else None)
         if match and match.name in picked_log:
             sparse = True
         rows.append(
@@ -189,9 +218,17 @@ def sparsity_report(
                 "trt_layer": match.name if match else None,
                 "tactic": match.tactic if match else None,
                 "sparse_picked": sparse,
+                "opaque": opaque,
             }
         )
     return rows
+
+
+def onnx_node_order(onnx_path: str | os.PathLike) -> list[str]:
+    """The node names of an ONNX file's main graph in file (topological) order."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node]
 
 
 # -- build -----------------------------------------------------------------------------------------
@@ -213,10 +250,18 @@ class EngineBuild:
 
         eligible = sum(1 for r in self.rows if r["eligible_2_4"])
         picked = sum(1 for r in self.rows if r["eligible_2_4"] and r["sparse_picked"])
+        opaque = sum(1 for r in self.rows if r["eligible_2_4"] and r.get("opaque"))
         lines = [
             f"TensorRT {self.trt_version} engine `{self.engine_path}` from `{self.onnx_path}` "
             f"(sparse weights {'on' if self.sparse else 'off'}, built in {self.build_s:.1f} s): "
-            f"{eligible} weights eligible for 2:4, {picked} of them run a sparse tactic.",
+            f"{eligible} weights eligible for 2:4, {picked} of them run a sparse tactic"
+            + (
+                f", {opaque} inside Myelin-compiled blocks whose tactics the inspector does not "
+                "show (sparse tactic: unknown)"
+                if opaque
+                else ""
+            )
+            + ".",
             "",
             md_table(
                 ["ONNX node", "weight", "op", "eligible 2:4", "TensorRT layer", "sparse tactic"],
@@ -227,7 +272,7 @@ class EngineBuild:
                         r["op"],
                         r["eligible_2_4"],
                         r["trt_layer"],
-                        r["sparse_picked"],
+                        "unknown (Myelin)" if r.get("opaque") else r["sparse_picked"],
                     ]
                     for r in self.rows
                 ],
@@ -387,7 +432,7 @@ def build_engine(
         layers=layers,
         io_tensors=io,
         sparsity_log=log,
-        rows=sparsity_report(nm_report, layers, log),
+        rows=sparsity_report(nm_report, layers, log, onnx_node_order(onnx_path)),
         command=trtexec_command(
             onnx_path,
             engine_path,

@@ -167,3 +167,15 @@ def test_time_interleaved_counts_and_order():
     assert stats["a"].runs == stats["b"].runs == 4
     with pytest.raises(ValueError):
         time_interleaved({"a": lambda: None}, repeat=0)
+    # several calls per timed sample: counted, and the time reported is per call
+    import time
+
+    calls.clear()
+    stats = time_interleaved(
+        {"a": lambda: calls.append("a"), "s": lambda: time.sleep(0.002)},
+        warmup=0, repeat=3, calls_per_sample=5,
+    )  # fmt: skip
+    assert calls.count("a") == 15 and stats["s"].runs == 3
+    assert 1.9 < stats["s"].median_ms < 20
+    with pytest.raises(ValueError, match="calls_per_sample"):
+        time_interleaved({"a": lambda: None}, calls_per_sample=0)

@@ -9,7 +9,10 @@ from torch import nn
 import nmcompile
 from nmcompile import NMCompileError, NMPattern
 from nmcompile.runtime.semi_structured import (
+    SemiStructuredConv1x1,
+    SemiStructuredLinear,
     kernel_constraints,
+    linear_2d,
     plan_semi_structured,
     to_semi_structured,
 )
@@ -69,6 +72,55 @@ def test_kernel_constraints_come_from_torch():
     assert kernel_constraints("cutlass")[torch.float16] == (32, 64)
 
 
+def test_plan_covers_f_linear_on_a_parameter():
+    # after nmcompile's tracing, attention's packed qkv is F.linear(x, in_proj_weight): listed
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.TransformerEncoder(layer, 2), nn.Linear(64, 4))
+    r = nmcompile.compile(net, "asp", "2:4", example_inputs=(torch.randn(2, 8, 32),))
+    plan = {d.name: d for d in plan_semi_structured(r.module, dtype=torch.float16)}
+    qkv = plan["1.layers.0.self_attn.in_proj_weight"]
+    assert qkv.kind == "matmul" and qkv.shape == (192, 64) and qkv.convert, qkv
+
+
+def _fake_cusparselt(rows: int, cols: int):
+    """torch's real cuSPARSELt tensor class holding zeros, built on the CPU: every op before the
+    kernel call runs here, so the layout handling can be tested without a GPU."""
+    import warnings
+
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as C
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return C(
+                torch.Size([rows, cols]),
+                packed=torch.zeros(rows * cols // 2 + rows * cols // 8, dtype=torch.float16),
+                meta=None, packed_t=None, meta_t=None, compressed_swizzled_bitmask=None,
+                fuse_transpose_cusparselt=False, alg_id_cusparselt=0, requires_grad=False,
+            )  # fmt: skip
+        except TypeError as exc:  # a torch whose constructor differs
+            pytest.skip(f"SparseSemiStructuredTensorCUSPARSELT signature changed: {exc}")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_converted_layers_reach_the_sparse_kernel_from_any_layout(mode):
+    # torch's own sparse linear fails before its kernel on an NCHW-permuted (view error) or, out
+    # of inference mode, any batched input (expand): ours must get to _cslt_sparse_mm every time
+    w, b = _fake_cusparselt(64, 64), torch.zeros(64, dtype=torch.float16)
+    conv, lin = SemiStructuredConv1x1(w, b), SemiStructuredLinear(w, b)
+    nchw = torch.randn(2, 64, 7, 7, dtype=torch.float16)
+    calls = [
+        lambda: conv(nchw),
+        lambda: conv(nchw.contiguous(memory_format=torch.channels_last)),
+        lambda: lin(torch.randn(5, 2, 64, dtype=torch.half).transpose(0, 1)),
+        lambda: linear_2d(torch.randn(2, 5, 64, dtype=torch.half), w, None),
+    ]
+    for call in calls:
+        with getattr(torch, mode)(), pytest.raises(NotImplementedError, match="_cslt_sparse_mm"):
+            call()
+    assert isinstance(lin, nn.Linear) and (lin.in_features, lin.out_features) == (64, 64)
+
+
 def test_conversion_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -93,7 +145,29 @@ def test_semi_structured_matches_masked_dense_on_gpu():
     model = r.module.cuda().half().eval()
     x = torch.randn(8, 64, 128, device="cuda", dtype=torch.half)
     res = to_semi_structured(model, example_inputs=(x,))
-    assert len(res.converted) == 8 and res.max_rel_error < 2e-2
+    plan = plan_semi_structured(model, dtype=torch.half)
+    assert res.converted == [d.name for d in plan if d.convert] and len(res.converted) == 8
+    assert res.max_rel_error < 2e-2
     from torch.sparse import SparseSemiStructuredTensor
 
     assert isinstance(res.module.get_submodule("blocks.0.fc1").weight, SparseSemiStructuredTensor)
+
+
+@pytest.mark.gpu
+def test_semi_structured_1x1_convs_and_attention_qkv_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    net = _sparse(Net()).cuda().half().eval()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 64, 14, 14, device="cuda", dtype=torch.half).contiguous(
+            memory_format=fmt
+        )
+        res = to_semi_structured(net, example_inputs=(x,))
+        assert "conv1x1" in res.converted and res.max_rel_error < 2e-2
+    layer = nn.TransformerEncoderLayer(256, 4, 512, batch_first=True, dropout=0.0)
+    enc = nn.Sequential(nn.Linear(64, 256), nn.TransformerEncoder(layer, 2), nn.Linear(256, 4))
+    r = nmcompile.compile(enc, "asp", "2:4", example_inputs=(torch.randn(2, 16, 64),))
+    x = torch.randn(8, 128, 64, device="cuda", dtype=torch.half)
+    res = to_semi_structured(r.module.cuda().half().eval(), example_inputs=(x,))
+    assert "1.layers.0.self_attn.in_proj_weight" in res.converted and res.max_rel_error < 2e-2

@@ -118,6 +118,33 @@ def test_sparsity_report_joins_onnx_check_and_engine_layers(tmp_path):
     assert all(row["trt_layer"] for row in rows if row["op"] == "Conv")
 
 
+def test_sparsity_report_matches_whole_node_names_and_myelin_ranges():
+    from types import SimpleNamespace
+
+    from nmcompile.runtime.tensorrt import TrtLayer
+
+    def entry(node, weight):
+        return SimpleNamespace(
+            node=node, initializer=weight, op_type="MatMul", shape=(64, 64), ok=True, status="ok"
+        )
+
+    report = SimpleNamespace(
+        entries=[entry("node_MatMul_1", "a"), entry("node_MatMul_12", "b"), entry("mm_5", "c")]
+    )
+    layers = [
+        TrtLayer("node_MatMul_12", "Gemm", "sm90_sparse_gemm", True),
+        TrtLayer("{ForeignNode[mm_3...mm_7]}", "Myelin", "", False),
+    ]
+    order = ["node_MatMul_1", "node_MatMul_12", "mm_3", "mm_4", "mm_5", "mm_7"]
+    by = {r["weight"]: r for r in sparsity_report(report, layers, None, order)}
+    # node_MatMul_1 is not a part of node_MatMul_12's name: no layer, not a false "sparse"
+    assert by["a"]["trt_layer"] is None and by["a"]["sparse_picked"] is None
+    assert by["b"]["trt_layer"] == "node_MatMul_12" and by["b"]["sparse_picked"] is True
+    # inside a Myelin range: matched, its tactic unknown rather than "dense"
+    assert by["c"]["trt_layer"] == "{ForeignNode[mm_3...mm_7]}"
+    assert by["c"]["opaque"] is True and by["c"]["sparse_picked"] is None
+
+
 def test_trtexec_command():
     cmd = trtexec_command("m.onnx", "m.plan", dtype="fp16", workspace=4 << 30, trt_version=10)
     assert cmd.startswith("trtexec --onnx=m.onnx --saveEngine=m.plan --sparsity=enable")
