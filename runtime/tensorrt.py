@@ -482,7 +482,13 @@ class TrtRunner:
         self._dtype = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self._buffers: dict[str, torch.Tensor] = {}
 
+    def input_dtype(self, i: int = 0):
+        """The torch dtype of input ``i`` (cast inputs to it once, outside a timing loop)."""
+        return self._dtype[self.inputs[i]]
+
     def __call__(self, *inputs: Any) -> list[Any]:
+        """Run the engine. The outputs are the runner's own buffers, reused by the next call:
+        clone them to keep them."""
         import torch
 
         if len(inputs) != len(self.inputs):
