@@ -6,7 +6,12 @@ Per layer, the mask is viewed as ``[rows = output channels, cols = C_in * kh * k
    the rows that use it) with hMETIS. pymetis partitions plain graphs, so rows are joined by the
    Jaccard similarity of their supports, ``|a & b| / |a | b|``, keeping each row's ``neighbors``
    strongest edges (made symmetric), with integer weights ``1 + round(1000 * J)``.
-2. pymetis splits the rows into ``parts`` parts of similar size (seeded, so it is repeatable).
+2. pymetis splits the rows into parts of similar size (seeded, so it is repeatable; imbalance
+   10%, as the authors ran hMETIS). The number of parts is ``parts`` (8, the authors' setting)
+   where the layer is wide enough, and fewer where it is not: a part needs more than
+   ``min_rows`` rows to form a block, so a layer of ``R`` rows gets
+   ``min(parts, R // (min_rows + 1))`` parts (a 64-channel conv: 3 parts of ~21 rows; with 8 it
+   would get parts of 8 rows, all dropped). A layer of ``min_rows`` rows or fewer keeps its mask.
    With ``backend="kahypar"`` (the ``kahypar`` package installed) the rows are partitioned as
    the authors do instead: a true hypergraph, one net per column over the rows using it,
    minimising the connectivity (km1) objective with KaHyPar's direct k-way mode, imbalance 3%.
@@ -20,6 +25,11 @@ Per layer, the mask is viewed as ``[rows = output channels, cols = C_in * kh * k
    remainder (the row tiling the authors' GEMM kernel uses).
 4. The new mask is 1 inside blocks (pruned weights there come back: refilled) and 0 outside. When
    no block is found the old mask stays.
+
+Algorithm 3 repeats "while a dense block can be found". Here each layer is partitioned once and
+every part yields at most one block: a second pass over the same rows would give blocks whose
+rows overlap the first ones, which neither the authors' kernel nor the block-sparse runtime can
+run (one GEMM per row set), and the rows of dropped parts are too few to form blocks again.
 
 Parts never share rows, so the blocks of a layer have disjoint row sets, which is what the
 block-sparse runtime relies on.
@@ -44,6 +54,7 @@ __all__ = [
     "Block",
     "RegroupSettings",
     "hypergraph_partition",
+    "parts_for",
     "regroup",
     "regroup_mask",
     "row_graph",
@@ -215,9 +226,15 @@ def hypergraph_partition(mask2d: torch.Tensor, parts: int, seed: int = 0) -> np.
     return np.fromiter((hg.blockID(i) for i in range(rows)), dtype=np.int64, count=rows)
 
 
+def parts_for(rows: int, s: RegroupSettings) -> int:
+    """Parts for a layer of ``rows`` rows: ``s.parts``, fewer when parts would be too small to
+    hold a block (see the module docstring)."""
+    return max(1, min(s.parts, rows // (s.min_rows + 1)))
+
+
 def _partition(mask2d: torch.Tensor, s: RegroupSettings) -> np.ndarray:
     rows = mask2d.shape[0]
-    parts = min(s.parts, rows)
+    parts = parts_for(rows, s)
     if parts <= 1:
         return np.zeros(rows, dtype=np.int64)
     if s.backend == "kahypar":
@@ -226,7 +243,8 @@ def _partition(mask2d: torch.Tensor, s: RegroupSettings) -> np.ndarray:
     if len(adjncy) == 0:  # no two rows share a column: any split is as good
         return np.arange(rows) % parts
     pm = _pymetis()
-    options = pm.Options(seed=s.seed) if hasattr(pm, "Options") else None
+    # ufactor: allowed imbalance in 1/1000 (100 = 10%, the authors' hMETIS imbalance)
+    options = pm.Options(seed=s.seed, ufactor=100) if hasattr(pm, "Options") else None
     if hasattr(pm, "CSRAdjacency"):
         adjacency = pm.CSRAdjacency(adj_starts=xadj.tolist(), adjacent=adjncy.tolist())
         result = pm.part_graph(
@@ -269,7 +287,7 @@ def _blocks(mask2d: torch.Tensor, membership: np.ndarray, s: RegroupSettings) ->
 
 def _trim(mask2d: torch.Tensor, found: list[Block], budget: int, min_cols: int) -> list[Block]:
     """Drop the block columns the old mask filled least until the blocks hold <= ``budget``."""
-    cols = {i: b.cols.tolist() for i, b in enumerate(found)}
+    cols = {i: set(b.cols.tolist()) for i, b in enumerate(found)}
     fill = []
     for i, b in enumerate(found):
         ratio = mask2d[b.rows][:, b.cols].float().mean(0)

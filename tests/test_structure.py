@@ -373,3 +373,55 @@ def test_group_aware_imp_reaches_the_target_with_block_masks():
     assert r.sparsity >= 0.79
     assert len(r.history) < 15 and all(h.get("regrouped") for h in r.history[1:])
     assert np.mean([bool(v) for v in r.diagnostics["blocks"].values()]) > 0
+
+
+def test_group_aware_imp_at_a_low_target_stops_instead_of_crashing():
+    # a regroup that keeps each layer's budget can land under IMP's own count: IMP must then
+    # prune nothing (not a negative count) and the schedule must end
+    r, _, _ = _digits(
+        "group-aware-imp", target_sparsity=0.3, regroup_min_rows=4, regroup_min_cols=4
+    )
+    assert r.sparsity >= 0.29 and len(r.history) <= 4
+
+
+def test_regroup_forms_blocks_on_layers_narrower_than_eight_parts():
+    # 64 rows: 8 parts would give 8-row parts, all under min_rows; fewer, wider parts are used
+    from nmcompile.passes.regroup import parts_for
+
+    s = RegroupSettings()
+    assert [parts_for(r, s) for r in (16, 17, 34, 64, 136, 137, 512)] == [1, 1, 2, 3, 8, 8, 8]
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(64, 120, generator=gen) < 0.05  # a 64-channel conv: three row groups
+    for lo, hi in ((0, 21), (21, 42), (42, 64)):
+        mask[lo:hi, lo * 2 : lo * 2 + 36] |= torch.rand(hi - lo, 36, generator=gen) < 0.9
+    _, blocks = regroup_mask(mask, s)
+    assert len(blocks) == 3 and all(len(b.rows) > s.min_rows for b in blocks)
+
+
+def test_refill_resumes_after_its_refill_round(tmp_path):
+    ds = data.load("digits", batch_size=64, seed=0)
+
+    def run(resume):
+        torch.manual_seed(0)
+        return nmcompile.compile(
+            zoo.create("cnn", in_channels=1, image_size=8), "imp-refill",
+            example_inputs=(ds.example_input(2),), iterations_per_round=1,
+            target_sparsity=0.36, checkpoint_dir=str(tmp_path), resume=resume,
+        )  # fmt: skip
+
+    full = run(False)
+    import shutil
+
+    from nmcompile._checkpoint import rounds_in
+
+    # keep only the checkpoint written right after the refill step, as if killed in its round
+    last = rounds_in(tmp_path)
+    for r in last[1:]:
+        for suffix in (".pt", ".json"):
+            (tmp_path / f"round-{r:04d}{suffix}").unlink()
+    assert full.history[-1]["refill"] is True
+    again = run(True)
+    assert len(again.history) == len(full.history)
+    for k in full.masks:
+        assert torch.equal(again.masks[k], full.masks[k])
+    shutil.rmtree(tmp_path)

@@ -98,8 +98,9 @@ class _IMP(RoundMethod):
     def propose(self, engine):
         kept = self._kept(engine)
         target_kept = round((1.0 - self.config.target_sparsity) * engine.total_weights)
-        # prune prune_rate of what remains, but never below the target
-        k = min(round(self.config.prune_rate * kept), kept - target_kept)
+        # prune prune_rate of what remains, but never below the target (and never a negative
+        # count: group-aware IMP's regrouping can leave fewer weights than IMP's own schedule)
+        k = max(0, min(round(self.config.prune_rate * kept), kept - target_kept))
         rate = k / kept if kept else 0.0
         masks = engine.masks()
         scores = {p: w.abs() for p, w in engine.weights().items()}

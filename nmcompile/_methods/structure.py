@@ -145,6 +145,12 @@ class _IMPRefill(_IMP):
     def done(self, engine):
         return self.refilled
 
+    def state_dict(self):
+        return {"refilled": self.refilled}
+
+    def load_state_dict(self, state):
+        self.refilled = bool(state["refilled"])
+
     def rounds_needed(self, engine):
         imp = super().rounds_needed(engine)
         return None if imp is None else imp + 1  # the refilled ticket trains one more round
@@ -330,9 +336,13 @@ class _IMPRegroup(_IMP):
         self.imp_masks: dict[str, torch.Tensor] | None = None
 
     def _imp_target_reached(self, engine) -> bool:
-        masks = self.imp_masks or engine.masks()
-        kept = sum(int(m.sum()) for m in masks.values())
-        return kept <= round((1.0 - self.config.target_sparsity) * engine.total_weights)
+        """IMP's own masks reached the target, or the regrouped ones did (a regroup that keeps
+        each layer's budget can still end under IMP's count, when a block rounds down)."""
+        target_kept = round((1.0 - self.config.target_sparsity) * engine.total_weights)
+        for masks in (self.imp_masks, engine.masks()):
+            if masks and sum(int(m.sum()) for m in masks.values()) <= target_kept:
+                return True
+        return False
 
     def propose(self, engine):
         settings = self.config.settings()
