@@ -34,9 +34,12 @@ def knapsack(
     if n == 0:
         return []
     scale = resolution / budget if budget > 0 else 0.0
-    # round costs up so the integer solution never exceeds the real budget
+    # Round costs up so the integer solution never exceeds the real budget. A negative cost
+    # (measured latency that drops when channels are added: tile alignment, or noise; HALP's
+    # "negative latency contribution") counts as free, which can only overestimate the total.
     icost = [
-        np.ceil(np.asarray(c, dtype=np.float64) * scale - 1e-9).astype(np.int64) for c in costs
+        np.maximum(np.ceil(np.asarray(c, dtype=np.float64) * scale - 1e-9), 0).astype(np.int64)
+        for c in costs
     ]
     cap = resolution
     neg = -np.inf

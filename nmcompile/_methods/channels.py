@@ -9,13 +9,23 @@ deletes it, so ``CompileResult.module`` is really smaller).
 
 Cost. ``LatencyLUT`` measures each space's producer layers on the target backend (ONNX Runtime
 CPU or torch) at a grid of output-channel counts and caches the table on disk; a space's cost
-with ``k`` channels is the sum over its producers, with their input channels at full size (HALP's
-per-layer approximation). The budget ``latency_budget`` is a fraction of the full model's total.
+with ``k`` channels is the sum over its producers of ``LUT(c_in, k)``, HALP's
+``T(p^{l-1}, p^l)``: ``c_in`` is the producer's current input width, the active channels of the
+space feeding it (rounded up to the ``channel_step`` grid, so the table stays small), and full
+width for the model's input. Each knapsack prices every space at the widest inputs the result
+can give it (the current widths when pruning, full widths when growing), so the chosen structure
+never exceeds its budget once priced at its own widths. The budget ``latency_budget`` is a fraction of the full model's total.
 
-Importance: first-order Taylor on BatchNorm, ``|g_gamma * gamma + g_beta * beta|`` summed over
-the space's BatchNorms and accumulated over training steps (L1 of the producers' rows for a space
-without BatchNorm). Selection: the multiple-choice knapsack of ``_knapsack``, channels kept in
-importance order inside a space.
+Importance (``importance``): ``"taylor"``, first-order Taylor on BatchNorm,
+``|g_gamma * gamma + g_beta * beta|`` summed over the space's BatchNorms and accumulated over
+training steps (L1 of the producers' rows for a space without BatchNorm); or ``"l1"``, the L1
+norm of the producers' rows. Selection: the multiple-choice knapsack of ``_knapsack``, channels
+kept in importance order inside a space.
+
+A channel's weights are its producers' rows, its readers' columns and its BatchNorm entries
+(affine parameters and running statistics): all of them keep their MRU values while the channel
+is off, and all of the active channels' are frozen during exploration, with the rest of the
+model (``FrozenRest``). Exploration steps are charged ``2 zeta_P + zeta_D``.
 
 ``iee`` with ``latency_budget`` runs the IEE step over channels: prune to ``budget - Omega_t`` by
 knapsack over the active channels, improve, explore every inactive channel for Q iterations with
@@ -41,7 +51,7 @@ from .._registry import register_method
 from .._session import Session
 from .._trainer import StepInfo
 from ..passes.channel_graph import ChannelSpace, layer_module
-from .prune_grow import IEEConfig, _LatencyOptions, _Metrics, omega
+from .prune_grow import FrozenRest, IEEConfig, _LatencyOptions, _Metrics, omega
 
 __all__ = ["ChannelTaylorConfig"]
 
@@ -49,10 +59,11 @@ __all__ = ["ChannelTaylorConfig"]
 class ChannelProblem:
     """The prunable channel spaces of a session's model, their cost curves and importances."""
 
-    def __init__(self, session: Session, config: Any) -> None:
+    def __init__(self, session: Session, config: Any, criterion: str = "taylor") -> None:
         from ..runtime.latency_lut import LatencyLUT, LayerShape
 
         self.session = session
+        self.criterion = criterion
         gm = session.gm
         graph = session.channel_graph()
         sites = {s.name: s for s in session.sites}
@@ -73,23 +84,23 @@ class ChannelProblem:
             if layer is not None and node.args and isinstance(node.args[0], fx.Node):
                 inputs[layer[0]] = tuple(node.args[0].meta.get("nm_shape", ()))
         device = str(next(gm.parameters()).device)
-        lut = LatencyLUT(
+        self.lut = LatencyLUT(
             config.latency_cache,
             backend=config.latency_backend,
             device="cpu" if config.latency_backend == "ort" else device,
         )
-        self.curves: list[np.ndarray] = []
-        for sp in self.spaces:
-            curve = np.zeros(sp.size + 1)
-            for p in sp.producers:
-                shape = LayerShape.of(gm.get_submodule(p), inputs[p])
-                curve += lut.sweep(shape, sp.size, min(config.channel_step, sp.size))
-            self.curves.append(curve)
-        self.full_cost = float(sum(c[-1] for c in self.curves))
+        self.step = config.channel_step
         self.sites = sites
         self.readers = {
             c.module: (i, c.factor) for i, sp in enumerate(self.spaces) for c in sp.consumers
         }
+        self.shapes = [
+            [(p, LayerShape.of(gm.get_submodule(p), inputs[p])) for p in sp.producers]
+            for sp in self.spaces
+        ]
+        self._curves: dict[tuple, np.ndarray] = {}
+        self.curves = [self.curve(i) for i in range(len(self.spaces))]  # at full input widths
+        self.full_cost = float(sum(c[-1] for c in self.curves))
         self.writers = {p: i for i, sp in enumerate(self.spaces) for p in sp.producers}
         self.bns = [
             [
@@ -101,8 +112,38 @@ class ChannelProblem:
         ]
         self.taylor = [torch.zeros(sp.size) for sp in self.spaces]
 
+    def _c_in(self, producer: str, full: int, active: list[np.ndarray] | None) -> int | None:
+        """The producer's input width under ``active`` on the channel grid (None: full)."""
+        if active is None or producer not in self.readers:
+            return None
+        j, factor = self.readers[producer]
+        width = int(active[j].sum()) * factor
+        grid = max(1, self.step * factor)
+        width = min(full, -(-width // grid) * grid)
+        return None if width >= full else max(width, factor)
+
+    def curve(self, i: int, active: list[np.ndarray] | None = None) -> np.ndarray:
+        """Latency of space ``i`` for every channel count, its producers' inputs as wide as
+        ``active`` leaves them (None: full width)."""
+        widths = tuple(self._c_in(p, sh.c_in, active) for p, sh in self.shapes[i])
+        key = (i, widths)
+        if key not in self._curves:
+            size = self.spaces[i].size
+            curve = np.zeros(size + 1)
+            for (_, shape), c_in in zip(self.shapes[i], widths):
+                curve += self.lut.sweep(shape, size, min(self.step, size), c_in=c_in)
+            self._curves[key] = curve
+        return self._curves[key]
+
+    def floor(self, context: list[np.ndarray] | None = None) -> float:
+        """Latency of the smallest structure a selection may return (one channel per space),
+        priced at the widths ``context`` gives: per-layer overheads the budget cannot go below."""
+        return float(sum(self.curve(i, context)[1] for i in range(len(self.spaces))))
+
     def cost(self, active: list[np.ndarray]) -> float:
-        return float(sum(c[int(a.sum())] for c, a in zip(self.curves, active)))
+        """Latency of the model with ``active`` channels, each space priced at the widths
+        ``active`` gives its inputs."""
+        return float(sum(self.curve(i, active)[int(a.sum())] for i, a in enumerate(active)))
 
     def accumulate(self) -> None:
         """Add this step's first-order Taylor score of every channel (BatchNorm gradients)."""
@@ -119,7 +160,8 @@ class ChannelProblem:
         out = []
         for i, sp in enumerate(self.spaces):
             t = self.taylor[i]
-            if not self.bns[i] or float(t.sum()) == 0.0:  # no BatchNorm: L1 of producer rows
+            if self.criterion == "l1" or not self.bns[i] or float(t.sum()) == 0.0:
+                # L1 of the producers' rows (also Taylor's fallback without BatchNorm)
                 t = torch.zeros(sp.size)
                 for p in sp.producers:
                     w = self.session.gm.get_submodule(p).weight.detach().abs().float().cpu()
@@ -156,19 +198,29 @@ class ChannelProblem:
         """Keep-masks within ``budget``: the knapsack over ``allowed`` channels on top of
         ``base`` (always kept)."""
         n = len(self.spaces)
+        # Every space is priced at the widest inputs the selection can give it (the allowed
+        # channels; all of them when growing): an upper bound, so the structure returned, priced
+        # at its own widths, never exceeds the budget.
+        context = allowed
         allowed = allowed or [np.ones(sp.size, bool) for sp in self.spaces]
         base = base or [np.zeros(sp.size, bool) for sp in self.spaces]
         imps, curves = [], []
         for i in range(n):
             cand = allowed[i] & ~base[i]
             k0 = int(base[i].sum())
+            full = self.curve(i, context)
             imps.append(np.where(cand, importance[i], -np.inf)[cand])
-            curves.append(self.curves[i][k0 : k0 + int(cand.sum()) + 1] - self.curves[i][k0])
-        extra = budget - self.cost(base)
+            curves.append(full[k0 : k0 + int(cand.sum()) + 1] - full[k0])
+        extra = budget - sum(self.curve(i, context)[int(b.sum())] for i, b in enumerate(base))
         picks = choose_channels(
             imps, curves, max(extra, 1e-9), minimum=0 if any(b.any() for b in base) else 1
         )
         if picks is None:
+            if not any(b.any() for b in base):
+                raise ConfigError(
+                    f"latency budget {budget:.4g} ms is below the cheapest structure that keeps "
+                    "one channel per space; raise latency_budget"
+                )
             return [b.copy() for b in base]
         out = []
         for i in range(n):
@@ -182,7 +234,7 @@ class ChannelProblem:
 
 
 def run_channel_iee(session: Session, config: IEEConfig) -> None:
-    prob = ChannelProblem(session, config)
+    prob = ChannelProblem(session, config, config.criterion)
     psi = config.latency_budget * prob.full_cost
     active = prob.select(psi, prob.importance())
     h, j, q = config.update_period
@@ -190,8 +242,25 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
     steps = int(config.stop_fraction * config.total_iterations) // period
     metrics = _Metrics()
     saved = {s.param: session.weight(s).detach().clone() for s in session.sites}
+    bn_names = {
+        f"{m}.{attr}"
+        for sp in prob.spaces
+        for m in sp.channelwise
+        for attr in ("weight", "bias", "running_mean", "running_var")
+    }
+    rest = FrozenRest(session, skip=bn_names)
+    bn_saved: dict[tuple[int, int], torch.Tensor] = {}
     state: dict[str, Any] = {"t": 0, "phase": "estimate", "active": active}
     log: list[dict[str, Any]] = []
+    zeta_d = session.flops.dense
+
+    def bn_tensors(i: int) -> list[torch.Tensor]:
+        return [
+            t
+            for bn in prob.bns[i]
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            if t is not None
+        ]
 
     def apply(chan: list[np.ndarray]) -> dict[str, torch.Tensor]:
         masks = prob.weight_masks(chan)
@@ -199,29 +268,59 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
             session.set_mask(s, masks[s.param])
         return masks
 
-    def restore(which: dict[str, torch.Tensor]) -> None:
+    def restore(which: dict[str, torch.Tensor], chans: list[np.ndarray]) -> None:
         with torch.no_grad():
             for s in session.sites:
                 w = session.weight(s)
                 w.copy_(torch.where(which[s.param], saved[s.param], w))
+            for i, c in enumerate(chans):
+                idx = torch.from_numpy(np.flatnonzero(c))
+                for k, t in enumerate(bn_tensors(i)):
+                    if len(idx) and (i, k) in bn_saved:
+                        buf = bn_saved[(i, k)] = bn_saved[(i, k)].to(t.device)
+                        t[idx.to(t.device)] = buf[idx.to(t.device)]
 
-    def save(which: dict[str, torch.Tensor]) -> None:
+    def save(which: dict[str, torch.Tensor], chans: list[np.ndarray]) -> None:
         with torch.no_grad():
             for s in session.sites:
                 w = session.weight(s)
                 saved[s.param] = torch.where(which[s.param], w.detach(), saved[s.param])
+            for i, c in enumerate(chans):
+                idx = torch.from_numpy(np.flatnonzero(c))
+                for k, t in enumerate(bn_tensors(i)):
+                    # keyed by position: moving the model to a device replaces buffer objects
+                    buf = bn_saved.get((i, k))
+                    buf = t.detach().clone() if buf is None else buf.to(t.device)
+                    if len(idx):
+                        buf[idx.to(t.device)] = t.detach()[idx.to(t.device)]
+                    bn_saved[(i, k)] = buf
+
+    def inactive(chans: list[np.ndarray]) -> list[np.ndarray]:
+        return [~c for c in chans]
+
+    def as_dict(chans: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        # the structure at channel level: what IoU and survival are measured on
+        return {
+            ",".join(sp.producers): torch.from_numpy(c.copy()) for sp, c in zip(prob.spaces, chans)
+        }
+
+    def zeta(chans: list[np.ndarray]) -> float:
+        masks = prob.weight_masks(chans)
+        return session.flops.forward({p: float(m.float().mean()) for p, m in masks.items()})
 
     masks = apply(active)
     state["masks"] = masks
-
-    def chan_masks(chan: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in prob.weight_masks(chan).items()}
+    save({k: ~v for k, v in masks.items()}, inactive(active))
 
     def on_step(info: StepInfo) -> None:
         phase = state["phase"]
         active_w = state["masks"]
         prob.accumulate()
-        restore(active_w if phase == "explore" else {k: ~v for k, v in active_w.items()})
+        if phase == "explore":  # Theta_K frozen: the active channels and the rest of the model
+            restore(active_w, state["active"])
+            rest.restore()
+        else:  # inactive channels keep their MRU values
+            restore({k: ~v for k, v in active_w.items()}, inactive(state["active"]))
         t = state["t"]
         if t >= steps:
             return
@@ -229,15 +328,23 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
         if pos == h - 1:  # prune: knapsack over the active channels to psi - omega
             frac = omega(config, t, steps)
             imp = prob.importance()
-            kept = prob.select(psi * (1.0 - frac), imp, allowed=state["active"])
-            state["pruned"] = [a & ~k for a, k in zip(state["active"], kept)]
+            target = psi * (1.0 - frac)
+            floor = prob.floor(state["active"])
+            if target < floor:
+                # small layers are mostly fixed cost: Omega_t of the budget may not exist above
+                # the one-channel floor; take Omega_t of what lies above the floor instead
+                target = floor + (psi - floor) * (1.0 - frac)
+            kept = prob.select(target, imp, allowed=state["active"])
             state["active"] = kept
             state["masks"] = apply(kept)
-            save({k: ~v for k, v in state["masks"].items()})
-            metrics.after_prune(chan_masks(kept))
+            save({k: ~v for k, v in state["masks"].items()}, inactive(kept))
+            metrics.after_prune(as_dict(kept))
             state["phase"], state["omega"] = "improve", frac
+            state["prune_target_ms"] = target
         elif pos == h + j - 1:  # explore every channel, active weights frozen
-            save(state["masks"])
+            save(state["masks"], state["active"])
+            rest.snapshot()
+            session.step_flops_override = 2.0 * zeta(state["active"]) + zeta_d
             apply([np.ones(sp.size, bool) for sp in prob.spaces])
             prob.reset()
             state["phase"] = "explore"
@@ -247,12 +354,15 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
             new = [g & ~a for g, a in zip(grown_chan, state["active"])]
             state["active"] = grown_chan
             state["masks"] = apply(grown_chan)
-            save({k: ~v for k, v in state["masks"].items()})
-            metrics.after_grow(chan_masks(grown_chan), prob.weight_masks(new))
+            save({k: ~v for k, v in state["masks"].items()}, inactive(grown_chan))
+            rest.release()
+            session.step_flops_override = None
+            metrics.after_grow(as_dict(grown_chan), as_dict(new))
             log.append(
                 {
                     "step": t,
                     "omega": state["omega"],
+                    "prune_target_ms": state["prune_target_ms"],
                     "latency_ms": prob.cost(grown_chan),
                     "channels": [int(a.sum()) for a in grown_chan],
                 }
@@ -262,8 +372,11 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
 
     session.train(config.total_iterations, on_step)
     if state["phase"] == "explore":
-        restore(state["masks"])
+        restore(state["masks"], state["active"])
+        rest.restore()
+        session.step_flops_override = None
     apply(state["active"])
+    prob.lut.save()
     session.diagnostics.update(
         channel_steps=log,
         **metrics.to_json(),
@@ -311,7 +424,7 @@ class ChannelTaylorConfig(_LatencyOptions, MethodConfig):
     summary="one-shot Taylor channel pruning to a measured latency budget",
 )
 def run_channel_taylor(session: Session, config: ChannelTaylorConfig) -> None:
-    prob = ChannelProblem(session, config)
+    prob = ChannelProblem(session, config, "taylor")
     start = max(0, config.pretrain_iterations - config.taylor_iterations)
 
     def on_step(info: StepInfo) -> None:

@@ -14,14 +14,21 @@ training, the step
 5. *grow*: move the ``Omega_t`` most important weights of Theta_P back into Theta_K.
 
 Inactive weights keep their values exactly while off (restored after every optimizer step, so
-weight decay and momentum cannot drift them), which is what MRU initialisation needs; frozen
-weights are restored the same way during exploration. ``Omega_t`` starts at 0.3 of the active
-weights and decays (cosine by default; the exponential schedule of the paper's reference [6] is
-available). The budget is the same before and after every step; with an N:M pattern pruning and
-growing happen inside groups, so every group keeps exactly N after each step.
+weight decay and momentum cannot drift them), which is what MRU initialisation needs. During
+exploration Theta_K is frozen: its pruned-layer weights, and every other parameter and buffer of
+the model (biases, BatchNorm affine parameters and running statistics, the dense stem and
+classifier), are restored after every step, so only Theta_P trains. ``Omega_t`` starts at 0.3 of
+the active weights and decays (cosine by default; the exponential schedule of the paper's
+reference [6] is available). The budget is the same before and after every step; with an N:M
+pattern the ``Omega_t`` least important active weights are pruned wherever they are (a group
+may lose several) and each group grows back exactly as many as it lost, so every group holds
+exactly N after each step.
 
-Importance is |w| (magnitude). RigL drops by magnitude and grows by the dense gradient (zero
-init); SET grows at random (zero init); static never changes its random mask.
+Importance (``importance``) is pluggable, the same criterion for prune and grow as the paper
+requires: ``"magnitude"`` (|w|, the paper's unstructured setting) or ``"taylor"`` (first-order
+Taylor |w * dL/dw|, summed over the H estimation iterations for pruning and the Q exploration
+iterations for growing). RigL drops by magnitude and grows by the dense gradient (zero init);
+SET grows at random (zero init); static never changes its random mask.
 
 Training FLOPs are counted per step from the active structure (3 zeta_P), and ``2 zeta_P +
 zeta_D`` for exploration steps; the diagnostics also give the paper's appendix formula
@@ -50,6 +57,8 @@ from .._trainer import StepInfo
 __all__ = ["IEEConfig", "RigLConfig", "SETConfig", "StaticConfig"]
 
 _BUDGETS = ("uniform", "erk")
+WEIGHT_IMPORTANCE = ("magnitude", "taylor")
+CHANNEL_IMPORTANCE = ("taylor", "l1")
 _DECAYS = ("cosine", "exponential", "constant")
 
 
@@ -117,9 +126,18 @@ class IEEConfig(_LatencyOptions, _UpdatingConfig):
     """IEE. ``update_period = (H, J, Q)``: iterations of importance estimation, accuracy
     improvement and reactivate & explore per step (the paper uses 150 each on ImageNet).
     ``latency_budget`` (a fraction of the full model's measured latency) switches to channel
-    sparsity with a HALP-style knapsack; see ``_methods/channels.py``."""
+    sparsity with a HALP-style knapsack; see ``_methods/channels.py``. ``importance``: the
+    criterion, None for the paper's choice (``"magnitude"`` for weights, ``"taylor"`` on
+    BatchNorm for channels); weights also take ``"taylor"``, channels ``"l1"``."""
 
     update_period: tuple[int, int, int] = (100, 100, 100)
+    importance: str | None = None
+
+    @property
+    def criterion(self) -> str:
+        if self.importance is not None:
+            return self.importance
+        return "taylor" if self.latency_budget is not None else "magnitude"
 
     @property
     def structured(self) -> bool:
@@ -146,6 +164,13 @@ class IEEConfig(_LatencyOptions, _UpdatingConfig):
                 f"{self.update_period!r}"
             )
         object.__setattr__(self, "update_period", tuple(self.update_period))
+        valid = CHANNEL_IMPORTANCE if self.latency_budget is not None else WEIGHT_IMPORTANCE
+        if self.importance is not None and self.importance not in valid:
+            what = "channels" if self.latency_budget is not None else "weights"
+            raise ConfigError(
+                f"IEEConfig.importance for {what} must be one of {list(valid)}, got "
+                f"{self.importance!r}"
+            )
         if sum(self.update_period) > self.total_iterations:
             raise ConfigError(
                 f"IEEConfig.update_period {self.update_period} spans more than total_iterations "
@@ -247,35 +272,16 @@ class _Structure:
 
     # -- prune / grow, per layer (or per group for N:M) ------------------------------------------
     def prune(self, scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-        """Deactivate the lowest-scored ``fraction`` of each layer's active weights (N:M: in
-        that many groups, each losing its lowest active weight). Returns what was pruned."""
+        """Deactivate the lowest-scored ``fraction`` of each layer's active weights (N:M too:
+        wherever they are; ``grow`` refills each group to N). Returns what was pruned."""
         pruned = {}
         for s in self.sites:
             act, sc = self.active[s.param], scores[s.param].float()
-            if self.pattern is not None:
-                m = self.pattern.m
-                groups = group_view(act, m)
-                cand = torch.where(
-                    group_view(act, m),
-                    group_view(sc, m),
-                    torch.full_like(group_view(sc, m), float("inf")),
-                )
-                low, pos = cand.min(dim=2)  # [pre, G, post]
-                k = round(fraction * low.numel())
-                out = torch.zeros_like(groups)
-                if k:
-                    flat = low.reshape(-1)
-                    chosen = torch.zeros_like(flat, dtype=torch.bool)
-                    chosen[flat.topk(k, largest=False).indices] = True
-                    chosen = chosen.reshape(low.shape)
-                    out.scatter_(2, pos.unsqueeze(2), chosen.unsqueeze(2))
-                p_mask = out.reshape(act.shape)
-            else:
-                k = round(fraction * int(act.sum()))
-                p_mask = torch.zeros_like(act)
-                if k:
-                    flat = torch.where(act, sc, torch.full_like(sc, float("inf"))).reshape(-1)
-                    p_mask.view(-1)[flat.topk(k, largest=False).indices] = True
+            k = round(fraction * int(act.sum()))
+            p_mask = torch.zeros_like(act)
+            if k:
+                flat = torch.where(act, sc, torch.full_like(sc, float("inf"))).reshape(-1)
+                p_mask.view(-1)[flat.topk(k, largest=False).indices] = True
             pruned[s.param] = p_mask
             self.active[s.param] = act & ~p_mask
         return pruned
@@ -291,17 +297,19 @@ class _Structure:
             lost = counts[s.param]
             g_mask = torch.zeros_like(act)
             if self.pattern is not None:
+                # each group grows back as many as it lost: its best inactive entries
                 m = self.pattern.m
-                need = group_view(lost, m).any(dim=2)  # groups that lost one
+                need = group_view(lost, m).sum(dim=2, keepdim=True)  # [pre, G, 1, post]
                 cand = torch.where(
                     group_view(act, m),
                     torch.full_like(group_view(sc, m), float("-inf")),
                     group_view(sc, m),
                 )
-                _, pos = cand.max(dim=2)
-                out = torch.zeros_like(group_view(act, m))
-                out.scatter_(2, pos.unsqueeze(2), need.unsqueeze(2))
-                g_mask = out.reshape(act.shape)
+                order = cand.argsort(dim=2, descending=True, stable=True)
+                rank = torch.empty_like(order)
+                rank.scatter_(2, order, torch.arange(m, device=order.device).view(1, 1, m, 1)
+                              .expand_as(order))  # fmt: skip
+                g_mask = (rank < need).reshape(act.shape)
             else:
                 k = int(lost.sum())
                 if k:
@@ -310,6 +318,62 @@ class _Structure:
             grown[s.param] = g_mask
             self.active[s.param] = act | g_mask
         return grown
+
+
+class FrozenRest:
+    """Everything of the model outside the pruned weights: parameters and buffers (biases,
+    BatchNorm, the dense stem and classifier). Part of Theta_K, so frozen while exploring:
+    ``snapshot`` at the start of exploration, ``restore`` after each of its steps."""
+
+    def __init__(self, session: Session, *, skip: set[str] = frozenset()) -> None:
+        self.gm = session.gm
+        self.owned = {s.param for s in session.sites} | {s.mask_target for s in session.sites}
+        self.owned |= set(skip)
+        self._live: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] | None = None
+
+    def snapshot(self) -> None:
+        # resolved now, not at construction: moving the model to a device replaces buffers
+        self._live = [
+            t for name, t in self.gm.state_dict(keep_vars=True).items() if name not in self.owned
+        ]
+        self._saved = [t.detach().clone() for t in self._live]
+
+    def restore(self) -> None:
+        if self._saved is None:
+            return
+        with torch.no_grad():
+            for t, v in zip(self._live, self._saved):
+                t.copy_(v)
+
+    def release(self) -> None:
+        self._saved = None
+
+
+class _Importance:
+    """The criterion scores of every site's weights: |w| now, or |w * grad| summed over the
+    steps since the last ``reset`` (first-order Taylor)."""
+
+    def __init__(self, st: _Structure, criterion: str) -> None:
+        self.st, self.criterion = st, criterion
+        self.acc = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in st.weights().items()}
+
+    def accumulate(self) -> None:
+        if self.criterion != "taylor":
+            return
+        with torch.no_grad():
+            for p, w in self.st.weights().items():
+                if w.grad is not None:
+                    self.acc[p] += (w.detach() * w.grad).abs().float()
+
+    def reset(self) -> None:
+        for a in self.acc.values():
+            a.zero_()
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        if self.criterion == "magnitude":
+            return _magnitude(self.st)
+        return {p: a.clone() for p, a in self.acc.items()}
 
 
 def _iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -361,6 +425,8 @@ class _Metrics:
 # -- IEE -----------------------------------------------------------------------------------------
 def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | None = None) -> None:
     st = _Structure(session, config)
+    rest = FrozenRest(session)
+    importance = _Importance(st, config.criterion)
     h, j, q = config.update_period
     period = h + j + q
     steps = int(config.stop_fraction * config.total_iterations) // period
@@ -382,15 +448,19 @@ def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | N
     def on_step(info: StepInfo) -> None:
         i = info.iteration
         phase = state["phase"]
+        if phase in ("estimate", "explore"):  # the windows the Taylor criterion sums over
+            importance.accumulate()
         # keep what must not move: inactive weights (MRU values) or, exploring, Theta_K
         st.restore(st.active if phase == "explore" else st.inactive())
+        if phase == "explore":
+            rest.restore()
         t = state["t"]
         if t >= steps:
             return
         pos = (i - 1) % period
         if pos == h - 1:  # end of importance estimation: prune
             frac = omega(config, t, steps)
-            state["pruned"] = st.prune(_magnitude(st), frac)
+            state["pruned"] = st.prune(importance.scores(), frac)
             st.save(st.inactive())
             st.apply(st.active)
             metrics.after_prune(st.active)
@@ -399,18 +469,22 @@ def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | N
             state["zeta_pruned"] = zeta(st.active)
         elif pos == h + j - 1:  # reactivate & explore: everything on, Theta_K frozen
             st.save(st.active)
+            rest.snapshot()
             st.apply({p: torch.ones_like(m) for p, m in st.active.items()})
             session.step_flops_override = explore_cost()
+            importance.reset()
             state["phase"] = "explore"
         elif pos == period - 1:  # grow, then back to estimation
             inactive = st.inactive()
             scores = {
                 p: torch.where(inactive[p], s, torch.zeros_like(s))
-                for p, s in _magnitude(st).items()
+                for p, s in importance.scores().items()
             }
             grown = st.grow(scores, state["pruned"])
             st.save(st.inactive())
             st.apply(st.active)
+            rest.release()
+            importance.reset()
             session.step_flops_override = None
             metrics.after_grow(st.active, grown)
             log.append(
@@ -431,6 +505,8 @@ def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | N
     session.train(config.total_iterations, on_step)
     if state["phase"] != "estimate":  # training ended inside a step: settle on Theta_K
         st.restore(st.active if state["phase"] == "explore" else st.inactive())
+        if state["phase"] == "explore":
+            rest.restore()
         st.apply(st.active)
         session.step_flops_override = None
     # The appendix formula takes zeta_P constant; while Theta_K is pruned (J and Q iterations)
@@ -479,6 +555,7 @@ def _dense_gradient(session: Session, st: _Structure, batch_index: int) -> dict[
     x, y = session.sample_batch(batch_index)
     weights = st.weights()
     keep = {p: w.detach().clone() for p, w in weights.items()}
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]  # BatchNorm statistics
     with torch.no_grad():
         for p, w in weights.items():
             w.mul_(st.active[p])
@@ -501,9 +578,13 @@ def _dense_gradient(session: Session, st: _Structure, batch_index: int) -> dict[
         with torch.no_grad():
             for p, w in weights.items():
                 w.copy_(keep[p])
+            for b, v in buffers:  # scoring a batch must not move the running statistics
+                b.copy_(v)
         st.apply(st.active)
     n = x[0].shape[0] if x and hasattr(x[0], "shape") else 1
-    session.add_flops(3.0 * session.flops.dense * n)
+    # RigL's accounting: a sparse forward and input gradient, and a dense weight gradient
+    zeta_p = session.flops.forward({p: float(m.float().mean()) for p, m in st.active.items()})
+    session.add_flops((2.0 * zeta_p + session.flops.dense) * n)
     return grads
 
 
