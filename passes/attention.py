@@ -11,9 +11,15 @@ input features (axis 1 of ``in_proj_weight``) — then ``scaled_dot_product_atte
 explicit softmax when attention dropout is on, so dropout follows train / eval mode) and
 ``out_proj``.
 
+With ``need_weights=True`` (``nn.MultiheadAttention``'s default) the attention weights are
+returned as PyTorch returns them (after dropout, averaged over heads unless
+``average_attn_weights=False``), computed by an explicit softmax; ``attn_mask`` may be 2-D
+``[L, S]`` or 3-D ``[batch * heads, L, S]``.
+
 Not covered (left as they are, opaque): separate q/k/v projection weights (``kdim`` / ``vdim``
-differing from ``embed_dim``), ``bias_k`` / ``bias_v``, ``add_zero_attn``, and returned attention
-weights.
+differing from ``embed_dim``), ``bias_k`` / ``bias_v``, ``add_zero_attn``. Unbatched (2-D) inputs
+are not supported by the traced module. In cross-attention (query and key different tensors)
+the packed weight is split into its q / k / v thirds, which are not prunable sites.
 """
 
 from __future__ import annotations
@@ -59,9 +65,13 @@ class TracedMHA(nn.Module):
         average_attn_weights=True,
         is_causal=False,
     ):
+        # self-attention is decided before any transpose: three transposes of one tensor are
+        # three different tensors, and the packed weight must reach F.linear whole to be a site
+        same = query is key and key is value
         if not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        if query is key and key is value:
+            query = query.transpose(0, 1)
+            key, value = (query, query) if same else (key.transpose(0, 1), value.transpose(0, 1))
+        if same:
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
             w = self.in_proj_weight.chunk(3)
@@ -73,8 +83,11 @@ class TracedMHA(nn.Module):
             )
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
         no_mask = attn_mask is None and key_padding_mask is None  # decided at trace time
-        mask = None if no_mask else _merge_masks(attn_mask, key_padding_mask, q.dtype)
-        if self.attn_drop is None:
+        mask = (
+            None if no_mask else _merge_masks(attn_mask, key_padding_mask, q.dtype, self.num_heads)
+        )
+        weights = None
+        if self.attn_drop is None and not need_weights:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal and mask is None
             )
@@ -82,16 +95,34 @@ class TracedMHA(nn.Module):
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             if mask is not None:
                 scores = scores + mask
-            out = self.attn_drop(scores.softmax(dim=-1)) @ v
+            elif is_causal:
+                scores = scores + _causal(scores)
+            probs = scores.softmax(dim=-1)
+            if self.attn_drop is not None:
+                probs = self.attn_drop(probs)
+            out = probs @ v
+            if need_weights:
+                weights = probs.mean(dim=1) if average_attn_weights else probs
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         if not self.batch_first:
             out = out.transpose(0, 1)
-        return out, None
+        return out, weights
 
 
 @torch.fx.wrap
-def _merge_masks(attn_mask, key_padding_mask, dtype):
-    """One additive float mask ``[B|1, 1|H, L, S]`` from PyTorch's two mask arguments."""
+def _causal(scores):
+    """An additive upper-triangular -inf mask for ``[..., L, S]`` scores."""
+    l_, s_ = scores.shape[-2], scores.shape[-1]
+    keep = torch.ones(l_, s_, dtype=torch.bool, device=scores.device).tril()
+    return torch.zeros(l_, s_, dtype=scores.dtype, device=scores.device).masked_fill(
+        ~keep, float("-inf")
+    )
+
+
+@torch.fx.wrap
+def _merge_masks(attn_mask, key_padding_mask, dtype, num_heads):
+    """One additive float mask ``[B|1, 1|H, L, S]`` from PyTorch's two mask arguments (a 3-D
+    ``attn_mask`` is PyTorch's ``[B * H, L, S]``)."""
     mask = None
     if attn_mask is not None:
         mask = (
@@ -99,6 +130,8 @@ def _merge_masks(attn_mask, key_padding_mask, dtype):
             if attn_mask.dtype != torch.bool
             else torch.zeros_like(attn_mask, dtype=dtype).masked_fill(attn_mask, float("-inf"))
         )
+        if mask.dim() == 3:
+            mask = mask.reshape(-1, num_heads, *mask.shape[-2:])
     if key_padding_mask is not None:
         kpm = (
             key_padding_mask

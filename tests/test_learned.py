@@ -120,6 +120,12 @@ def test_lbc_flops_follow_the_mask_density():
         < lbc.history[-1]["train_flops"]
         < fm.train_step() * samples
     )
+    # next to the counter, the paper's Table 1 convention: SR-STE zeta_P + 2 zeta_D, LBC
+    # 2 zeta_P + zeta_D (0.75x and 0.5x of dense training at 1:4 for all-pruned models)
+    zp, zd = fm.forward(quarter), fm.dense
+    assert sr.diagnostics["flops_table1_per_sample"] == pytest.approx(zp + 2 * zd)
+    assert lbc.diagnostics["flops_table1_per_sample"] == pytest.approx(2 * zp + zd)
+    assert sr.diagnostics["flops_counter_per_sample"] == pytest.approx(2 * zp + zd)
 
 
 def test_sr_ste_backward():
@@ -160,6 +166,10 @@ def test_learned_option_errors():
             example_inputs=(torch.randn(1, 3, 8, 8),),
             removal_window=(0.6, 0.4),
         )
+    with pytest.raises(ConfigError, match=r"STEConfig.total_iterations must be >= 1, got 0"):
+        nmcompile.compile(
+            zoo.create("cnn"), "ste", example_inputs=(torch.randn(1, 3, 8, 8),), total_iterations=0
+        )
 
 
 # -- attention -------------------------------------------------------------------------------------
@@ -198,6 +208,49 @@ def test_transformer_encoder_becomes_prunable_with_in_proj_grouped_by_input_feat
     assert torch.allclose(r.module.eval()(x), r.masked.eval()(x), atol=1e-5)
     e = r.export_onnx(tmp_path / "tiny.onnx")
     assert e.nm_report.satisfied([s.param for s in r.sites])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_traced_attention_equals_multihead_attention(batch_first):
+    from nmcompile.passes.attention import TracedMHA
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    ours = TracedMHA(mha).eval()
+    b, length = 3, 6
+    x = torch.randn(b, length, 32) if batch_first else torch.randn(length, b, 32)
+    y = torch.randn(b, 4, 32) if batch_first else torch.randn(4, b, 32)
+    pad = torch.zeros(b, length, dtype=torch.bool)
+    pad[0, -2:] = True
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+    per_head = torch.randn(b * 4, length, length)  # a 3-D float mask, [batch * heads, L, S]
+    cases = [
+        dict(),  # need_weights=True by default: the weights come back, averaged over heads
+        dict(need_weights=False),
+        dict(average_attn_weights=False),
+        dict(key_padding_mask=pad, attn_mask=causal),
+        dict(attn_mask=per_head),
+    ]
+    with torch.no_grad():
+        for kw in cases:
+            want, want_w = mha(x, x, x, **kw)
+            got, got_w = ours(x, x, x, **kw)
+            assert torch.allclose(got, want, atol=1e-5), kw
+            assert (got_w is None) == (want_w is None), kw
+            if want_w is not None:
+                assert torch.allclose(got_w, want_w, atol=1e-6), kw
+        want, _ = mha(y, x, x)  # cross-attention
+        assert torch.allclose(ours(y, x, x)[0], want, atol=1e-5)
+
+
+def test_in_proj_is_pruned_whatever_the_batch_layout():
+    for batch_first in (True, False):
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=batch_first)
+        net = nn.Sequential(nn.Linear(16, 64), nn.TransformerEncoder(layer, 1), nn.Linear(64, 3))
+        x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+        r = nmcompile.compile(net, "asp", "2:4", example_inputs=(x,), finetune_iterations=0)
+        assert "1.layers.0.self_attn.in_proj_weight" in r.masks, batch_first
+        assert torch.allclose(r.module.eval()(x), r.masked.eval()(x), atol=1e-5)
 
 
 def test_lbc_on_a_vision_transformer():

@@ -5,8 +5,11 @@ straight-through baselines SR-STE and STE.
 candidate subsets of N weights, listed once in a fixed binary matrix ``combos [C, M]``. A learnable
 score matrix ``S [groups, C]`` rates them, initialised so each weight's summed score is 1
 (``1 / C(M-1, N-1)``, NOTES). The mask keeps every weight that belongs to a surviving candidate,
-``B = 1[(alive * S) @ combos != 0]`` (Eq. 8), computed as the hard value with a straight-through
-gradient to ``S`` (Eq. 9): ``dL/dS_gj = sum_{i in j} dL/dB_gi``. Between ``t_i`` and ``t_f``
+``B = 1[alive @ combos > 0]``, computed as the hard value with a straight-through gradient to
+``S`` (Eq. 9): ``dL/dS_gj = sum_{i in j} dL/dB_gi``. (Eq. 8 writes ``(alive * S) @ combos != 0``,
+which drops a weight whose surviving candidates' scores happen to cancel, e.g. +s and -s; the
+candidate set, not the score values, decides membership here.) Candidates are removed before the
+forward of the iteration they belong to, as in Algorithm 1. Between ``t_i`` and ``t_f``
 (``removal_window``, fractions of training) the lowest-scored candidates go, leaving per group
 
     alive(t) = 1 + ceil((C - 1) * (1 - (t - t_i) / (t_f - t_i))^3)
@@ -16,8 +19,15 @@ frozen, and the mask is exactly N:M. Memory: ``groups x C`` scores, e.g. 28 per 
 
 **SR-STE** recomputes the magnitude N:M mask every forward and, backward, passes the gradient
 straight through to all weights plus ``lambda * (1 - mask) * W`` (lambda 2e-4); **STE** is the same
-with lambda 0. Their weight gradients are dense, so a training step costs ``2 zeta_P + zeta_D``;
-LBC's costs ``3 zeta_P`` at its current mask density (dense early, sparse once candidates go).
+with lambda 0.
+
+*Training FLOPs.* The counter charges what the computation needs: SR-STE / STE a sparse forward,
+a sparse activation gradient and a dense weight gradient (``2 zeta_P + zeta_D`` per sample); LBC
+``3 zeta_U`` at the density ``U`` of its surviving candidates' union (the score gradient of Eq. 9
+needs the weight gradient only where ``B = 1``): dense at the start, N:M once one candidate is
+left. The paper's Table 1 counts differently: SR-STE ``zeta_P + 2 zeta_D`` ("dense backward",
+0.83x at 2:4) and LBC ``2 zeta_P + zeta_D`` throughout (0.70x at 2:4, 0.38x at 1:16). Both are in
+``diagnostics``: ``flops_counter_per_sample`` and ``flops_table1_per_sample``.
 """
 
 from __future__ import annotations
@@ -190,9 +200,26 @@ class STEConfig(MethodConfig):
 
     total_iterations: int = 3000
 
+    def validate(self) -> None:
+        check_int(self, "total_iterations", 1)
+
 
 def _maskers(session: Session) -> list[tuple[object, nn.Module]]:
     return [(s, session.gm.get_submodule(s.masker_target)) for s in session.sites]
+
+
+def _flops_diagnostics(session: Session, table1: str) -> dict[str, float]:
+    """The counter's FLOPs per sample next to the paper's Table 1 convention for the method:
+    ``"sr-ste"``: zeta_P + 2 zeta_D; ``"lbc"``: 2 zeta_P + zeta_D (zeta_P at N:M density)."""
+    zeta_d = session.flops.dense
+    zeta_p = session.flops.forward({s.param: session.pattern.density for s in session.sites})
+    per = zeta_p + 2 * zeta_d if table1 == "sr-ste" else 2 * zeta_p + zeta_d
+    samples = max(1, session._samples_seen)
+    return {
+        "flops_counter_per_sample": session.train_flops / samples,
+        "flops_table1_per_sample": per,
+        "flops_dense_per_sample": 3 * zeta_d,
+    }
 
 
 @register_method(
@@ -206,24 +233,29 @@ def run_lbc(session: Session, config: LBCConfig) -> None:
     maskers = _maskers(session)
     c = math.comb(session.pattern.m, session.pattern.n)
     t_i, t_f = (f * config.total_iterations for f in config.removal_window)
-    counts: list[int] = []
+    counts: list[int] = []  # candidates alive in the forward of each iteration
     state = {"alive": c}
 
-    def on_step(info: StepInfo) -> None:
-        target = alive_count(info.iteration, t_i, t_f, c)
+    def remove_for(iteration: int) -> None:
+        target = alive_count(iteration, t_i, t_f, c)
         if target < state["alive"]:
             for _, masker in maskers:
                 masker.keep(target)
             state["alive"] = target
             session.refresh_densities()
-        counts.append(target)
 
+    def on_step(info: StepInfo) -> None:
+        counts.append(state["alive"])
+        remove_for(info.iteration + 1)  # before the next forward, as Algorithm 1 removes
+
+    remove_for(1)
     session.train(config.total_iterations, on_step)
     if state["alive"] > 1:  # training ended inside the window: choose now
         for _, masker in maskers:
             masker.keep(1)
         session.refresh_densities()
     session.diagnostics["alive_per_step"] = counts
+    session.diagnostics.update(_flops_diagnostics(session, "lbc"))
     session.end_round(phase="learned")
 
 
@@ -236,6 +268,7 @@ def run_lbc(session: Session, config: LBCConfig) -> None:
 )
 def run_sr_ste(session: Session, config: SRSTEConfig) -> None:
     session.train(config.total_iterations, dense_weight_grad=True)
+    session.diagnostics.update(_flops_diagnostics(session, "sr-ste"))
     session.end_round(phase="learned")
 
 
@@ -248,4 +281,5 @@ def run_sr_ste(session: Session, config: SRSTEConfig) -> None:
 )
 def run_ste(session: Session, config: STEConfig) -> None:
     session.train(config.total_iterations, dense_weight_grad=True)
+    session.diagnostics.update(_flops_diagnostics(session, "sr-ste"))
     session.end_round(phase="learned")
