@@ -36,6 +36,8 @@ from torch import nn
 from nmcompile._errors import ConfigError, NMCompileError
 from nmcompile._pattern import NMPattern, nm_violations
 
+from .onnx_export import _flatten  # every tensor of a model output (tuples, dicts)
+
 __all__ = [
     "SemiStructuredConv1x1",
     "SemiStructuredDecision",
@@ -201,16 +203,6 @@ class SemiStructuredConv1x1(nn.Module):
         return linear_2d(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
 
 
-def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _outputs(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _outputs(o)]
-    return []
-
-
 @dataclass
 class SemiStructuredResult:
     module: nn.Module
@@ -279,7 +271,7 @@ def to_semi_structured(
     reference = None
     if example_inputs is not None:
         with torch.inference_mode():  # the mode the latency harness times in
-            reference = _outputs(module(*example_inputs))
+            reference = _flatten(module(*example_inputs))
     target = module if inplace else copy.deepcopy(module)
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
@@ -309,7 +301,7 @@ def to_semi_structured(
     err = None
     if reference is not None:
         with torch.inference_mode():
-            got = _outputs(target(*example_inputs))
+            got = _flatten(target(*example_inputs))
         err = max(
             float((g.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12))
             for g, r in zip(got, reference)
