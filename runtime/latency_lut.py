@@ -57,7 +57,12 @@ class LayerShape:
                 tokens *= d
             return cls("linear", tokens, module.in_features)
         h, w = input_shape[-2], input_shape[-1]
-        pad = module.padding if isinstance(module.padding, tuple) else (0, 0)
+        if module.padding == "same":  # what 'same' pads for these kernels (stride 1)
+            pad = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+        elif isinstance(module.padding, tuple):
+            pad = module.padding
+        else:  # "valid"
+            pad = (0, 0)
         return cls(
             "conv",
             input_shape[0],
@@ -79,6 +84,17 @@ class LayerShape:
         )
 
 
+def _device_tag(backend: str, device: str) -> str:
+    """The device as a cache key: a CPU table is only valid for the same CPU model and thread
+    count (a GPU one names the GPU), so a cache copied to another machine is re-measured."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device}:{torch.cuda.get_device_name(torch.device(device))}"
+    from nmcompile.cli import machine_info
+
+    threads = 0 if backend == "ort" else torch.get_num_threads()  # ORT: its default pool
+    return f"cpu:{machine_info()['cpu']}:{threads}t"
+
+
 class LatencyLUT:
     """Measured layer latencies (ms), cached in ``path`` (JSON)."""
 
@@ -95,6 +111,7 @@ class LatencyLUT:
             raise ValueError(f"latency backend must be 'torch' or 'ort', got {backend!r}")
         self.path = Path(path) if path else None
         self.backend, self.device = backend, device
+        self.device_tag = _device_tag(backend, device)
         self.warmup, self.repeat = warmup, repeat
         self.table: dict[str, float] = {}
         self.measured = 0
@@ -132,7 +149,7 @@ class LatencyLUT:
             ].median_ms
 
     def latency(self, shape: LayerShape, c_out: int, c_in: int | None = None) -> float:
-        key = shape.key(c_out, self.backend, self.device) + (f"|in{c_in}" if c_in else "")
+        key = shape.key(c_out, self.backend, self.device_tag) + (f"|in{c_in}" if c_in else "")
         if key not in self.table:
             self.table[key] = self._measure(shape, c_out, c_in)
             self.measured += 1

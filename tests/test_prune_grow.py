@@ -297,6 +297,17 @@ def test_choose_channels_hand_checked():
 
 
 # -- latency LUT + channels --------------------------------------------------------------------------
+def test_layer_shapes_and_cache_keys_name_what_was_measured():
+    same = LayerShape.of(nn.Conv2d(4, 8, 5, padding="same"), (1, 4, 8, 8))
+    assert same.padding == (2, 2) and LayerShape.of(nn.Conv2d(4, 8, 3), (1, 4, 8, 8)).padding == (
+        0,
+        0,
+    )
+    # a CPU table belongs to its CPU model and thread count: copied elsewhere, it is re-measured
+    tag = LatencyLUT(None).device_tag
+    assert tag.startswith("cpu:") and tag.endswith(f"{torch.get_num_threads()}t")
+
+
 def test_latency_lut_measures_once_and_caches(tmp_path):
     path = tmp_path / "lut.json"
     shape = LayerShape("conv", 2, 8, (3, 3), (1, 1), (1, 1), 1, (8, 8))
