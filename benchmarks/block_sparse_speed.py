@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -47,15 +46,12 @@ def _mask(out: int, k: int, blocks) -> torch.Tensor:
 
 
 def _time(fns: dict, args, cuda: bool) -> dict[str, dict]:
-    from nmcompile.runtime.latency import time_interleaved
+    from nmcompile.runtime.latency import time_adaptive, time_interleaved
 
-    sync = torch.cuda.synchronize if cuda else None
-    probe = time_interleaved(fns, warmup=args.warmup, repeat=3, cuda_events=cuda, sync=sync)
-    shortest = min(s.median_ms for s in probe.values())
-    k = max(1, min(100, math.ceil(_SAMPLE_MS / max(shortest, 1e-4)))) if cuda else 1
-    stats = time_interleaved(
-        fns, warmup=1, repeat=args.repeat, cuda_events=cuda, sync=sync, calls_per_sample=k
-    )
+    if not cuda:  # CPU calls here last milliseconds: one per sample
+        stats = time_interleaved(fns, warmup=args.warmup, repeat=args.repeat)
+    else:
+        stats, _ = time_adaptive(fns, warmup=args.warmup, repeat=args.repeat, cuda_events=True)
     return {n: s.to_json() for n, s in stats.items()}
 
 

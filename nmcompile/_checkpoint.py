@@ -91,7 +91,9 @@ def set_aside(folder: str | os.PathLike, rounds: list[int]) -> list[Path]:
         for suffix in (".pt", ".json"):
             src = folder / f"round-{r:04d}{suffix}"
             if src.exists():
-                dst = src.with_name(src.name + ".unusable")
+                dst, k = src.with_name(src.name + ".unusable"), 1
+                while dst.exists():  # an earlier set-aside of the same round stays too
+                    dst, k = src.with_name(f"{src.name}.unusable.{k}"), k + 1
                 os.replace(src, dst)
                 moved.append(dst)
     if moved:
@@ -128,6 +130,12 @@ def _check(folder: Path, r: int, meta: dict[str, Any]) -> tuple[bool, str]:
     if _sha256(path) != info.get("sha256"):
         return False, "its checksum does not match (truncated or corrupted)"
     for key in meta:
+        if key not in info:
+            raise ConfigError(
+                f"checkpoint {path} was written by an older nmcompile that did not record the "
+                f"run's {key}; it cannot be checked against this run. Start a fresh "
+                "checkpoint_dir"
+            )
         if info.get(key) != meta.get(key):
             theirs, ours = repr(info.get(key))[:300], repr(meta.get(key))[:300]
             raise ConfigError(

@@ -33,6 +33,7 @@ __all__ = [
     "broadcast_",
     "broadcast_module_",
     "broadcast_object",
+    "decide_on_main",
     "enabled",
     "is_main",
     "maybe_init",
@@ -122,6 +123,25 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             broadcast_(t.data, src)
+
+
+def decide_on_main(fn, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on rank 0 only and give every rank its result; an ``NMCompileError`` it
+    raises is raised on every rank (one rank refusing alone would leave the others waiting in
+    the next collective)."""
+    if not enabled():
+        return fn(*args, **kwargs)
+    outcome: tuple[str, Any] = ("ok", None)
+    if is_main():
+        try:
+            outcome = ("ok", fn(*args, **kwargs))
+        except NMCompileError as exc:
+            outcome = ("error", (type(exc), str(exc)))
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        cls, msg = value
+        raise cls(msg)
+    return value
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

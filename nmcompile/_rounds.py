@@ -46,7 +46,7 @@ __all__ = ["IterativeConfig", "RoundEngine", "RoundMethod", "mask_distance", "pa
 _REWIND_MODES = ("snapshot", "reinit")
 # Options that say where and whether to checkpoint, not what the run computes: a resumed run may
 # differ in them from the run that wrote the checkpoint.
-_RUN_CONTROL = ("checkpoint_dir", "resume", "keep_checkpoints")
+_RUN_CONTROL = ("checkpoint_dir", "resume", "keep_checkpoints", "max_rounds")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -208,17 +208,8 @@ class RoundEngine:
                 f"{cfg.prune_rate}), more than max_rounds={cfg.max_rounds}; raise max_rounds or "
                 "prune_rate"
             )
-        if cfg.checkpoint_dir and _dist.is_main():
-            # an unwritable folder fails now, not after the first round's training
-            ensure_dir(cfg.checkpoint_dir, what="checkpoint folder")
-            remove_stale_temps(cfg.checkpoint_dir)
-            if not cfg.resume and rounds_in(cfg.checkpoint_dir):
-                newest = rounds_in(cfg.checkpoint_dir)[-1]
-                raise ConfigError(
-                    f"checkpoint_dir {cfg.checkpoint_dir!r} already holds the rounds of a run "
-                    f"(newest: round-{newest:04d}.pt); pass resume=True to continue it, or a "
-                    "fresh checkpoint_dir for a new run"
-                )
+        if cfg.checkpoint_dir:
+            _dist.decide_on_main(self._prepare_folder)
         if cfg.rewind == "reinit":
             self.init_state = self.session.weights_state()
         resumed = self._resume() if cfg.resume else False
@@ -235,8 +226,9 @@ class RoundEngine:
                 self.diagnostics["stopped_at_max_rounds"] = True
                 warnings.warn(
                     f"{cfg.name}: stopped after max_rounds={cfg.max_rounds} before its schedule "
-                    f"ended; the masks are not final (sparsity {self.session.sparsity():.3f}). Raise "
-                    "max_rounds and resume",
+                    f"ended; the masks are not final (sparsity {self.session.sparsity():.3f}). "
+                    "Run again with a larger max_rounds and resume=True on the same "
+                    "checkpoint_dir to continue",
                     stacklevel=3,
                 )
                 break
@@ -258,7 +250,32 @@ class RoundEngine:
         self.diagnostics = {**self.diagnostics, **self._finish()}
         self._annotate_history()
         self.session.diagnostics.update(self.diagnostics)
-        self._checkpoint(done=True)
+        if not self.diagnostics.get("stopped_at_max_rounds"):
+            # (a run cut by max_rounds keeps its last pruning-step checkpoint instead: resumed
+            # with a larger max_rounds, it retrains that round and goes on)
+            self._checkpoint(done=True)
+
+    def _prepare_folder(self) -> None:
+        """On rank 0: the folder is writable (checked before any training), free of temp files
+        a killed writer left, and not another run's unless this run resumes."""
+        cfg = self.config
+        ensure_dir(cfg.checkpoint_dir, what="checkpoint folder")
+        remove_stale_temps(cfg.checkpoint_dir)
+        if not cfg.resume and rounds_in(cfg.checkpoint_dir):
+            newest = rounds_in(cfg.checkpoint_dir)[-1]
+            raise ConfigError(
+                f"checkpoint_dir {cfg.checkpoint_dir!r} already holds the rounds of a run "
+                f"(newest: round-{newest:04d}.pt); pass resume=True to continue it, or a fresh "
+                "checkpoint_dir for a new run"
+            )
+
+    def _choose_round(self) -> int | None:
+        """On rank 0: the newest usable round; newer torn or corrupt rounds are set aside, so
+        the rounds this run writes next are never taken for older ones."""
+        folder = self.config.checkpoint_dir
+        latest = find_latest(folder, self._meta)
+        set_aside(folder, [r for r in rounds_in(folder) if latest is None or r > latest])
+        return latest
 
     def _annotate_history(self) -> None:
         """Per-round diagnostics known only at the end go into the rounds' history records:
@@ -365,15 +382,9 @@ class RoundEngine:
 
     def _resume(self) -> bool | str:
         folder = self.config.checkpoint_dir
-        latest = None
-        if _dist.is_main():
-            latest = find_latest(folder, self._meta)
-            # newer rounds are torn or corrupt: set aside, so the rounds this run writes next are
-            # never taken for older ones (and never pruned in favour of them)
-            set_aside(folder, [r for r in rounds_in(folder) if latest is None or r > latest])
-        # every rank resumes the round rank 0 chose (each one reading its own folder could pick
-        # different rounds and hang in the next collective)
-        latest = _dist.broadcast_object(latest)
+        # every rank resumes the round rank 0 chose, or raises its refusal (each one reading its
+        # own folder could pick different rounds and hang in the next collective)
+        latest = _dist.decide_on_main(self._choose_round)
         if latest is None:
             return False
         state = load_round(folder, latest)

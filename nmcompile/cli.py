@@ -31,17 +31,21 @@ _DEFAULTS = {
 }
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count and library versions, for the reports."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor elsewhere)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count and library versions, for the reports."""
+    cpu = cpu_model()
     import torch
 
     info: dict[str, Any] = {

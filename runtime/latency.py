@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["LatencyStats", "ort_latency", "speedup", "time_interleaved"]
+__all__ = ["LatencyStats", "ort_latency", "speedup", "time_adaptive", "time_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,28 @@ def time_interleaved(
                 sync()
             times[name].append((time.perf_counter_ns() - t0) // k_calls)
     return {n: _stats(n, times[n]) for n in names}
+
+
+def time_adaptive(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 10,
+    repeat: int = 50,
+    sync: Callable[[], None] | None = None,
+    cuda_events: bool = False,
+    sample_ms: float = 1.0,
+    max_calls: int = 100,
+) -> tuple[dict[str, LatencyStats], int]:
+    """:func:`time_interleaved` with as many calls per sample (up to ``max_calls``) as make the
+    shortest candidate's sample last ``sample_ms``, from a 3-sample probe; returns the stats and
+    the calls per sample used. For GPU work shorter than a launch plus a synchronisation."""
+    probe = time_interleaved(fns, warmup=warmup, repeat=3, sync=sync, cuda_events=cuda_events)
+    shortest = min(s.median_ms for s in probe.values())
+    k = max(1, min(max_calls, -(-sample_ms // max(shortest, 1e-4))))
+    stats = time_interleaved(
+        fns, warmup=1, repeat=repeat, sync=sync, cuda_events=cuda_events, calls_per_sample=int(k)
+    )
+    return stats, int(k)
 
 
 def ort_latency(

@@ -57,7 +57,7 @@ class LayerShape:
                 tokens *= d
             return cls("linear", tokens, module.in_features)
         h, w = input_shape[-2], input_shape[-1]
-        if module.padding == "same":  # what 'same' pads for these kernels (stride 1)
+        if module.padding == "same":  # what 'same' pads (symmetric: exact for odd kernels)
             pad = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
         elif isinstance(module.padding, tuple):
             pad = module.padding
@@ -89,10 +89,10 @@ def _device_tag(backend: str, device: str) -> str:
     count (a GPU one names the GPU), so a cache copied to another machine is re-measured."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{device}:{torch.cuda.get_device_name(torch.device(device))}"
-    from nmcompile.cli import machine_info
+    from nmcompile.cli import cpu_model
 
     threads = 0 if backend == "ort" else torch.get_num_threads()  # ORT: its default pool
-    return f"cpu:{machine_info()['cpu']}:{threads}t"
+    return f"cpu:{cpu_model()}:{threads}t"
 
 
 class LatencyLUT:

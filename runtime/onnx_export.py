@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from nmcompile._errors import ExportError, NMViolationError, OutputPathError
-from nmcompile._io import ensure_dir, fsync_dir
+from nmcompile._io import _umask, ensure_dir, fsync_dir
 from nmcompile._pattern import NMPattern
 from nmcompile.passes import PrunableSite, finalize, get_sites, trace
 
@@ -105,7 +105,7 @@ def _staged(dest: Path) -> Iterator[Path]:
         for f in files:
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-            os.chmod(f, 0o644)
+            os.chmod(f, 0o666 & ~_umask())  # mkdtemp's files are private; the usual mode
         for f in files:
             os.replace(f, folder / f.name)
         fsync_dir(folder)

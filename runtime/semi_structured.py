@@ -291,6 +291,11 @@ def to_semi_structured(
             w = mod.weight.detach().reshape(d.shape).contiguous()
             sparse = to_sparse_semi_structured(w)
             bias = None if mod.bias is None else mod.bias.detach()
+            if d.kind == "linear" and type(mod).forward is not nn.Linear.forward:
+                # a subclass with its own forward keeps it (and its hooks): only the weight
+                # changes, and that forward must feed F.linear a 2-D or contiguous input
+                mod.weight = nn.Parameter(sparse, requires_grad=False)
+                continue
             cls = SemiStructuredLinear if d.kind == "linear" else SemiStructuredConv1x1
             _set_submodule(target, d.name, cls(sparse, bias))
     finally:

@@ -403,7 +403,7 @@ def test_channel_costs_follow_the_width_of_the_input_space(tmp_path, monkeypatch
     full_in = prob.shapes[fed][0][1].c_in
     k = np.arange(size + 1)
     assert np.allclose(prob.curve(fed, full), full_in * k)
-    half_in = -(-(full_in // 2) // 8) * 8  # rounded up to the channel_step grid
+    half_in = -(-(full_in // 2) // 8) * 8  # half of the width, on the channel_step grid
     assert np.allclose(prob.curve(fed, half), half_in * k) and half_in < full_in
     assert prob.cost(half) < prob.cost(full) == pytest.approx(prob.full_cost)
 
@@ -416,3 +416,29 @@ def test_importance_is_pluggable_and_checked():
         _iee(target_sparsity=0.8, importance="l1")
     with pytest.raises(ConfigError, match=r"importance for channels must be one of"):
         _iee(latency_budget=0.5, importance="magnitude")
+
+
+def test_channel_iee_prunes_and_regrows_at_every_step(monkeypatch):
+    # With costs that follow the input width (c_in x c_out x k^2, deterministic so the test does
+    # not depend on machine load), each step must move channels and end close under the budget
+    # (a structure priced at full widths for growing and at its own for pruning stops moving).
+    monkeypatch.setattr(
+        LatencyLUT,
+        "_measure",
+        lambda self, shape, c_out, c_in: float(
+            (c_in or shape.c_in) * c_out * shape.kernel[0] * shape.kernel[1]
+        ),
+    )
+    ds = data.load("digits", batch_size=64, seed=0)
+    torch.manual_seed(0)
+    trainer = SupervisedTrainer(ds.train, ds.val, lr=0.05, progress=False)
+    r = nmcompile.compile(
+        zoo.create("resnet20", in_channels=1, image_size=8), "iee",
+        example_inputs=(ds.example_input(2),), trainer=trainer, total_iterations=120,
+        latency_budget=0.5, update_period=(10, 10, 10),
+    )  # fmt: skip
+    d = r.diagnostics
+    assert len(d["channel_steps"]) == 3
+    for step in d["channel_steps"]:
+        assert 0.9 * d["latency_budget_ms"] <= step["latency_ms"] <= d["latency_budget_ms"]
+    assert all(v < 1.0 for v in d["iou_after_prune"])  # channels really moved

@@ -4,6 +4,7 @@ imp-refill / imp-refill+ / imp-regroup / group-aware-imp methods."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -425,3 +426,29 @@ def test_refill_resumes_after_its_refill_round(tmp_path):
     for k in full.masks:
         assert torch.equal(again.masks[k], full.masks[k])
     shutil.rmtree(tmp_path)
+
+
+def test_a_run_stopped_by_max_rounds_continues_with_a_larger_one(tmp_path):
+    # group-aware IMP's round count depends on the data, so max_rounds can cut it: the warning
+    # says to resume with a larger max_rounds, and that resume ends where an uncut run ends
+    ds = data.load("digits", batch_size=64, seed=0)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = nmcompile.compile(
+                zoo.create("cnn", in_channels=1, image_size=8), "group-aware-imp",
+                example_inputs=(ds.example_input(2),), iterations_per_round=1,
+                target_sparsity=0.8, regroup_min_rows=4, regroup_min_cols=4, **kw,
+            )  # fmt: skip
+        return r, [str(w.message) for w in caught]
+
+    full, _ = run()
+    cut, msgs = run(max_rounds=3, checkpoint_dir=str(tmp_path))
+    assert len(cut.history) == 3 and cut.diagnostics["stopped_at_max_rounds"]
+    assert any("larger max_rounds and resume=True" in m for m in msgs)
+    done, _ = run(max_rounds=60, checkpoint_dir=str(tmp_path), resume=True)
+    assert len(done.history) == len(full.history) > 3
+    for k in full.masks:
+        assert torch.equal(done.masks[k], full.masks[k]), k

@@ -11,10 +11,10 @@ Cost. ``LatencyLUT`` measures each space's producer layers on the target backend
 CPU or torch) at a grid of output-channel counts and caches the table on disk; a space's cost
 with ``k`` channels is the sum over its producers of ``LUT(c_in, k)``, HALP's
 ``T(p^{l-1}, p^l)``: ``c_in`` is the producer's current input width, the active channels of the
-space feeding it (rounded up to the ``channel_step`` grid, so the table stays small), and full
-width for the model's input. Each knapsack prices every space at the widest inputs the result
-can give it (the current widths when pruning, full widths when growing), so the chosen structure
-never exceeds its budget once priced at its own widths. The budget ``latency_budget`` is a fraction of the full model's total.
+space feeding it, rounded up to a quarter, half or three quarters of its full width (so the
+table holds four curves per layer), and full width for the model's input. Each knapsack prices every space at the widths of the structure it
+starts from, as HALP does; a grown structure is re-priced at its own widths and re-selected under
+a smaller budget when it is over, so no structure exceeds its budget. The budget ``latency_budget`` is a fraction of the full model's total.
 
 Importance (``importance``): ``"taylor"``, first-order Taylor on BatchNorm,
 ``|g_gamma * gamma + g_beta * beta|`` summed over the space's BatchNorms and accumulated over
@@ -112,15 +112,23 @@ class ChannelProblem:
         ]
         self.taylor = [torch.zeros(sp.size) for sp in self.spaces]
 
+    # input widths are measured at these fractions of the full width (rounded up to the channel
+    # grid): four curves per layer bound the table, and rounding up keeps the price an upper bound
+    _WIDTHS = (0.25, 0.5, 0.75)
+
     def _c_in(self, producer: str, full: int, active: list[np.ndarray] | None) -> int | None:
-        """The producer's input width under ``active`` on the channel grid (None: full)."""
+        """The producer's input width under ``active``, rounded up to the measured widths
+        (None: full)."""
         if active is None or producer not in self.readers:
             return None
         j, factor = self.readers[producer]
         width = int(active[j].sum()) * factor
         grid = max(1, self.step * factor)
-        width = min(full, -(-width // grid) * grid)
-        return None if width >= full else max(width, factor)
+        for frac in self._WIDTHS:
+            point = -(-round(frac * full) // grid) * grid
+            if width <= point < full:
+                return max(point, factor)
+        return None
 
     def curve(self, i: int, active: list[np.ndarray] | None = None) -> np.ndarray:
         """Latency of space ``i`` for every channel count, its producers' inputs as wide as
@@ -195,13 +203,34 @@ class ChannelProblem:
         allowed: list[np.ndarray] | None = None,
         base: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
-        """Keep-masks within ``budget``: the knapsack over ``allowed`` channels on top of
-        ``base`` (always kept)."""
+        """Keep-masks within ``budget`` (priced at their own input widths): the knapsack over
+        ``allowed`` channels on top of ``base`` (always kept).
+
+        Spaces are priced at the widths of the structure the selection starts from (HALP): the
+        allowed channels when pruning (results can only be narrower: an upper bound), the kept
+        ones when growing. Growing widens the inputs of the next spaces, so a grown structure is
+        re-priced at its own widths and, when over, selected again under a proportionally
+        smaller budget; as a last resort at full widths, which always fits.
+        """
+        context = base if base is not None else allowed
+        target = budget
+        for _ in range(8):
+            keep = self._knapsack(target, importance, allowed, base, context)
+            cost = self.cost(keep)
+            if cost <= budget * (1 + 1e-9) or base is None:
+                return keep
+            target *= 0.999 * budget / cost
+        return self._knapsack(budget, importance, allowed, base, None)
+
+    def _knapsack(
+        self,
+        budget: float,
+        importance: list[np.ndarray],
+        allowed: list[np.ndarray] | None,
+        base: list[np.ndarray] | None,
+        context: list[np.ndarray] | None,
+    ) -> list[np.ndarray]:
         n = len(self.spaces)
-        # Every space is priced at the widest inputs the selection can give it (the allowed
-        # channels; all of them when growing): an upper bound, so the structure returned, priced
-        # at its own widths, never exceeds the budget.
-        context = allowed
         allowed = allowed or [np.ones(sp.size, bool) for sp in self.spaces]
         base = base or [np.zeros(sp.size, bool) for sp in self.spaces]
         imps, curves = [], []
@@ -314,6 +343,10 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
 
     def on_step(info: StepInfo) -> None:
         phase = state["phase"]
+        dev = session.weight(session.sites[0]).device  # the trainer moves the model late
+        if next(iter(saved.values())).device != dev:
+            saved.update({k: v.to(dev) for k, v in saved.items()})
+            state["masks"] = {k: v.to(dev) for k, v in state["masks"].items()}
         active_w = state["masks"]
         prob.accumulate()
         if phase == "explore":  # Theta_K frozen: the active channels and the rest of the model

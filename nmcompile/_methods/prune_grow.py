@@ -249,6 +249,14 @@ class _Structure:
         for s in self.sites:
             self.session.set_mask(s, masks[s.param])
 
+    def follow_device(self) -> None:
+        """Move the structure to the weights' device: the trainer moves the model (to CUDA)
+        only when training starts, after the structure was built."""
+        dev = self.session.weight(self.sites[0]).device
+        if next(iter(self.active.values())).device != dev:
+            self.active = {p: m.to(dev) for p, m in self.active.items()}
+            self.saved = {p: v.to(dev) for p, v in self.saved.items()}
+
     def weights(self) -> dict[str, torch.Tensor]:
         return {s.param: self.session.weight(s) for s in self.sites}
 
@@ -364,6 +372,8 @@ class _Importance:
         with torch.no_grad():
             for p, w in self.st.weights().items():
                 if w.grad is not None:
+                    if self.acc[p].device != w.device:
+                        self.acc[p] = self.acc[p].to(w.device)
                     self.acc[p] += (w.detach() * w.grad).abs().float()
 
     def reset(self) -> None:
@@ -448,8 +458,9 @@ def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | N
     def on_step(info: StepInfo) -> None:
         i = info.iteration
         phase = state["phase"]
-        if phase in ("estimate", "explore"):  # the windows the Taylor criterion sums over
-            importance.accumulate()
+        st.follow_device()
+        if phase in ("estimate", "explore") and state["t"] < steps:
+            importance.accumulate()  # the windows the Taylor criterion sums over
         # keep what must not move: inactive weights (MRU values) or, exploring, Theta_K
         st.restore(st.active if phase == "explore" else st.inactive())
         if phase == "explore":
@@ -597,6 +608,7 @@ def _run_drop_grow(session: Session, config: RigLConfig, grow_rule: str) -> None
     state = {"t": 0}
 
     def on_step(info: StepInfo) -> None:
+        st.follow_device()
         st.restore(st.inactive())
         t = state["t"]
         if t >= steps or info.iteration % interval:
@@ -661,6 +673,7 @@ def run_static(session: Session, config: StaticConfig) -> None:
     st = _Structure(session, config)
 
     def on_step(info: StepInfo) -> None:
+        st.follow_device()
         st.restore(st.inactive())
 
     session.train(config.total_iterations, on_step)
