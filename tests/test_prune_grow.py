@@ -41,6 +41,7 @@ class Watcher:
         self.y = torch.randint(0, 4, (256,), generator=gen)
         self.batch = batch
         self.trace: list[dict] = []
+        self.grads: list[dict] = []  # the gradients the optimizer stepped with
 
     def train(self, model, iterations, on_step=None):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -49,6 +50,7 @@ class Watcher:
             loss = nn.functional.cross_entropy(model(self.x[idx]), self.y[idx])
             opt.zero_grad()
             loss.backward()
+            self.grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
             opt.step()
             if on_step is not None:
                 on_step(StepInfo(i + 1, self.batch, loss.detach(), 0.05))
@@ -116,6 +118,25 @@ def test_iee_explore_freezes_active_weights_and_trains_the_rest():
         for name in rest:
             assert torch.equal(w.trace[k][name], before[name]), (k, name)
     assert not torch.equal(w.trace[start - 2]["2.bias"], w.trace[start - 3]["2.bias"])
+
+
+def test_iee_explore_keeps_frozen_gradients_out_of_the_optimizer():
+    # Restoring Theta_K after each step is not enough: SGD's momentum would collect the dense
+    # exploration gradients and apply them to Theta_K after the grow. The optimizer must see
+    # zero gradient on Theta_K and the rest of the model, and the real one on Theta_P.
+    _, w = _iee(target_sparsity=0.8)
+    start = H + J
+    active = {p: w.trace[start - 2][p + "_mask"] for p in SITES}
+    for k in range(start, start + Q):  # the backward passes of the exploring iterations
+        g = w.grads[k]
+        for p in SITES:
+            assert not bool(g[p][active[p]].any()), (k, p)
+            assert bool(g[p][~active[p]].any()), (k, p)
+        for name in ("0.weight", "6.weight", "2.bias"):
+            assert not bool(g[name].any()), (k, name)
+    # outside exploration nothing is gated
+    assert bool(w.grads[start + Q]["0.weight"].any())
+    assert bool(w.grads[start - 1]["2.bias"].any())
 
 
 def test_iee_grown_weights_keep_their_mru_values():

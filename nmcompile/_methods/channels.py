@@ -51,7 +51,7 @@ from .._registry import register_method
 from .._session import Session
 from .._trainer import StepInfo
 from ..passes.channel_graph import ChannelSpace, layer_module
-from .prune_grow import FrozenRest, IEEConfig, _LatencyOptions, _Metrics, omega
+from .prune_grow import FrozenRest, GradGate, IEEConfig, _LatencyOptions, _Metrics, omega
 
 __all__ = ["ChannelTaylorConfig"]
 
@@ -278,6 +278,7 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
         for attr in ("weight", "bias", "running_mean", "running_var")
     }
     rest = FrozenRest(session, skip=bn_names)
+    gate = GradGate()
     bn_saved: dict[tuple[int, int], torch.Tensor] = {}
     state: dict[str, Any] = {"t": 0, "phase": "estimate", "active": active}
     log: list[dict[str, Any]] = []
@@ -323,6 +324,16 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
                     if len(idx):
                         buf[idx.to(t.device)] = t.detach()[idx.to(t.device)]
                     bn_saved[(i, k)] = buf
+
+    def explore_trainable(
+        masks: dict[str, torch.Tensor], chans: list[np.ndarray]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # the inactive channels' weights and BatchNorm affine entries; everything else frozen
+        out = [(session.weight(s), ~masks[s.param]) for s in session.sites]
+        for i, c in enumerate(chans):
+            off = torch.from_numpy(~c)
+            out += [(t, off) for bn in prob.bns[i] for t in (bn.weight, bn.bias) if t is not None]
+        return out
 
     def inactive(chans: list[np.ndarray]) -> list[np.ndarray]:
         return [~c for c in chans]
@@ -377,6 +388,7 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
         elif pos == h + j - 1:  # explore every channel, active weights frozen
             save(state["masks"], state["active"])
             rest.snapshot()
+            gate.close(session.gm, explore_trainable(state["masks"], state["active"]))
             session.step_flops_override = 2.0 * zeta(state["active"]) + zeta_d
             apply([np.ones(sp.size, bool) for sp in prob.spaces])
             prob.reset()
@@ -389,6 +401,7 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
             state["masks"] = apply(grown_chan)
             save({k: ~v for k, v in state["masks"].items()}, inactive(grown_chan))
             rest.release()
+            gate.open()
             session.step_flops_override = None
             metrics.after_grow(as_dict(grown_chan), as_dict(new))
             log.append(
@@ -403,7 +416,10 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
             prob.reset()
             state["t"], state["phase"] = t + 1, "estimate"
 
-    session.train(config.total_iterations, on_step)
+    try:
+        session.train(config.total_iterations, on_step)
+    finally:
+        gate.open()
     if state["phase"] == "explore":
         restore(state["masks"], state["active"])
         rest.restore()

@@ -358,6 +358,40 @@ class FrozenRest:
         self._saved = None
 
 
+class GradGate:
+    """Zero the gradients of what is frozen while exploring, before the optimizer sees them.
+
+    Restoring values after each step keeps Theta_K where it was, but not the optimizer's state:
+    momentum would pile up the gradients of the dense exploration forward and, once exploration
+    ends, apply them to Theta_K over the next few dozen steps. A tensor hook on each parameter
+    (run before the gradient is accumulated, so before DDP's all-reduce too) keeps only the
+    entries of ``trainable`` (parameter -> bool mask of its trainable entries) and zeroes every
+    other parameter's."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def close(
+        self, gm: torch.nn.Module, trainable: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        self.open()
+        keeps = {id(p): k for p, k in trainable}  # by identity: a tied weight has one entry
+        for p in gm.parameters():
+            if not p.requires_grad:
+                continue
+            keep = keeps.get(id(p))
+            if keep is None:
+                self._handles.append(p.register_hook(torch.zeros_like))
+            else:
+                keep = keep.to(p.device)
+                self._handles.append(p.register_hook(lambda g, k=keep: g * k))
+
+    def open(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
 class _Importance:
     """The criterion scores of every site's weights: |w| now, or |w * grad| summed over the
     steps since the last ``reset`` (first-order Taylor)."""
@@ -436,6 +470,7 @@ class _Metrics:
 def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | None = None) -> None:
     st = _Structure(session, config)
     rest = FrozenRest(session)
+    gate = GradGate()
     importance = _Importance(st, config.criterion)
     h, j, q = config.update_period
     period = h + j + q
@@ -481,6 +516,7 @@ def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | N
         elif pos == h + j - 1:  # reactivate & explore: everything on, Theta_K frozen
             st.save(st.active)
             rest.snapshot()
+            gate.close(session.gm, [(session.weight(x), ~st.active[x.param]) for x in st.sites])
             st.apply({p: torch.ones_like(m) for p, m in st.active.items()})
             session.step_flops_override = explore_cost()
             importance.reset()
@@ -495,6 +531,7 @@ def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | N
             st.save(st.inactive())
             st.apply(st.active)
             rest.release()
+            gate.open()
             importance.reset()
             session.step_flops_override = None
             metrics.after_grow(st.active, grown)
@@ -513,7 +550,10 @@ def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | N
             state["t"] = t + 1
             state["phase"] = "estimate"
 
-    session.train(config.total_iterations, on_step)
+    try:
+        session.train(config.total_iterations, on_step)
+    finally:
+        gate.open()
     if state["phase"] != "estimate":  # training ended inside a step: settle on Theta_K
         st.restore(st.active if state["phase"] == "explore" else st.inactive())
         if state["phase"] == "explore":
