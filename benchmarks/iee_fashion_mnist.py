@@ -209,6 +209,11 @@ def main() -> None:
     ap.add_argument("--latency-batch", type=int, default=8)
     ap.add_argument("--latency-repeat", type=int, default=30)
     ap.add_argument("--no-channels", action="store_true")
+    ap.add_argument(
+        "--settings",
+        default=",".join(label for label, _, _ in SETTINGS),
+        help="comma-separated subset of the weight settings, e.g. '80%% uniform,2:4'",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.model = args.model or ("cnn" if args.quick else "resnet20")
@@ -234,9 +239,14 @@ def main() -> None:
     )
     seeds = [int(s) for s in args.seeds.split(",")]
     record = log.append
+    wanted = [w.strip() for w in args.settings.split(",") if w.strip()]
+    known = [label for label, _, _ in SETTINGS]
+    if unknown := [w for w in wanted if w not in known]:
+        ap.error(f"--settings: unknown {unknown}; valid: {known}")
+    settings = [s for s in SETTINGS if s[0] in wanted]
 
     for seed in seeds:
-        for label, sparsity, budget in SETTINGS:
+        for label, sparsity, budget in settings:
             for m in METHODS:
                 if (seed, m, label, False) in done:
                     continue

@@ -17,8 +17,10 @@ Inactive weights keep their values exactly while off (restored after every optim
 weight decay and momentum cannot drift them), which is what MRU initialisation needs. During
 exploration Theta_K is frozen: its pruned-layer weights, and every other parameter and buffer of
 the model (biases, BatchNorm affine parameters and running statistics, the dense stem and
-classifier), are restored after every step, so only Theta_P trains. ``Omega_t`` starts at 0.3 of
-the active weights and decays (cosine by default; the exponential schedule of the paper's
+classifier), are restored after every step, and their gradients are zeroed before the optimizer
+sees them (``GradGate``: restoring values alone would leave the exploration gradients in SGD's
+momentum, to be applied to Theta_K after the grow), so only Theta_P trains. ``Omega_t`` starts
+at 0.3 of the active weights and decays (cosine by default; the exponential schedule of the paper's
 reference [6] is available). The budget is the same before and after every step; with an N:M
 pattern the ``Omega_t`` least important active weights are pruned wherever they are (a group
 may lose several) and each group grows back exactly as many as it lost, so every group holds
