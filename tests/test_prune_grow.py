@@ -139,6 +139,20 @@ def test_iee_explore_keeps_frozen_gradients_out_of_the_optimizer():
     assert bool(w.grads[start - 1]["2.bias"].any())
 
 
+def test_iee_never_used_weights_start_from_zero_unless_asked():
+    _, w = _iee(target_sparsity=0.8)
+    first = w.trace[0]  # after iteration 1: inactive weights restored to their start values
+    off = ~first["2.weight_mask"]
+    assert bool((first["2.weight"][off] == 0).all())
+    _, w2 = _iee(target_sparsity=0.8, never_used_init="initial")
+    torch.manual_seed(0)
+    init = _net()[2].weight.detach()
+    off2 = ~w2.trace[0]["2.weight_mask"]
+    assert torch.equal(w2.trace[0]["2.weight"][off2], init[off2])
+    with pytest.raises(ConfigError, match="never_used_init"):
+        _iee(target_sparsity=0.8, never_used_init="random")
+
+
 def test_iee_grown_weights_keep_their_mru_values():
     _, w = _iee(target_sparsity=0.8)
     end = H + J + Q  # iteration of the first grow

@@ -10,7 +10,8 @@ training, the step
    space Theta_P;
 3. *accuracy improvement*: train the (smaller) Theta_K for J iterations;
 4. *reactivate & explore*: turn every weight of Theta_P on, with its most recently used (MRU)
-   value, and train them for Q iterations with Theta_K frozen (a dense forward, sparse updates);
+   value (zero for a weight never active, ``never_used_init``), and train them for Q iterations
+   with Theta_K frozen (a dense forward, sparse updates);
 5. *grow*: move the ``Omega_t`` most important weights of Theta_P back into Theta_K.
 
 Inactive weights keep their values exactly while off (restored after every optimizer step, so
@@ -62,6 +63,7 @@ _BUDGETS = ("uniform", "erk")
 WEIGHT_IMPORTANCE = ("magnitude", "taylor")
 CHANNEL_IMPORTANCE = ("taylor", "l1")
 _DECAYS = ("cosine", "exponential", "constant")
+NEVER_USED_INIT = ("zero", "initial")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -130,10 +132,14 @@ class IEEConfig(_LatencyOptions, _UpdatingConfig):
     ``latency_budget`` (a fraction of the full model's measured latency) switches to channel
     sparsity with a HALP-style knapsack; see ``_methods/channels.py``. ``importance``: the
     criterion, None for the paper's choice (``"magnitude"`` for weights, ``"taylor"`` on
-    BatchNorm for channels); weights also take ``"taylor"``, channels ``"l1"``."""
+    BatchNorm for channels); weights also take ``"taylor"``, channels ``"l1"``.
+    ``never_used_init``: the value exploration starts from for a weight that has never been
+    active (MRU covers only weights that were): ``"zero"`` (the sparse start is the initial
+    weights times the mask) or ``"initial"`` (its dense initial value)."""
 
     update_period: tuple[int, int, int] = (100, 100, 100)
     importance: str | None = None
+    never_used_init: str = "zero"
 
     @property
     def criterion(self) -> str:
@@ -166,6 +172,11 @@ class IEEConfig(_LatencyOptions, _UpdatingConfig):
                 f"{self.update_period!r}"
             )
         object.__setattr__(self, "update_period", tuple(self.update_period))
+        if self.never_used_init not in NEVER_USED_INIT:
+            raise ConfigError(
+                f"IEEConfig.never_used_init must be one of {list(NEVER_USED_INIT)}, got "
+                f"{self.never_used_init!r}"
+            )
         valid = CHANNEL_IMPORTANCE if self.latency_budget is not None else WEIGHT_IMPORTANCE
         if self.importance is not None and self.importance not in valid:
             what = "channels" if self.latency_budget is not None else "weights"
@@ -233,6 +244,12 @@ class _Structure:
         )
         self.density = {s.param: d for s, d in zip(self.sites, densities)}
         self.active = {s.param: self._random_mask(s) for s in self.sites}
+        if getattr(config, "never_used_init", "zero") == "zero":
+            # the sparse start is the initial weights times the mask: a weight never active has
+            # no most-recently-used value, and exploration starts it from zero
+            with torch.no_grad():
+                for s in self.sites:
+                    session.weight(s).masked_fill_(~self.active[s.param], 0.0)
         self.saved = {s.param: session.weight(s).detach().clone() for s in self.sites}
         self.frozen: dict[str, torch.Tensor] | None = None
         self.apply(self.active)
