@@ -21,8 +21,8 @@ the model (biases, BatchNorm affine parameters and running statistics, the dense
 classifier), are restored after every step, and their gradients are zeroed before the optimizer
 sees them (``GradGate``: restoring values alone would leave the exploration gradients in SGD's
 momentum, to be applied to Theta_K after the grow), so only Theta_P trains. ``Omega_t`` starts
-at 0.3 of the active weights and decays (cosine by default; the exponential schedule of the paper's
-reference [6] is available). The budget is the same before and after every step; with an N:M
+at 0.3 of the active weights and decays (cosine by default; the exponential schedule of the
+paper's reference [6] is available). The budget is the same before and after every step; with an N:M
 pattern the ``Omega_t`` least important active weights are pruned wherever they are (a group
 may lose several) and each group grows back exactly as many as it lost, so every group holds
 exactly N after each step.
@@ -135,7 +135,9 @@ class IEEConfig(_LatencyOptions, _UpdatingConfig):
     BatchNorm for channels); weights also take ``"taylor"``, channels ``"l1"``.
     ``never_used_init``: the value exploration starts from for a weight that has never been
     active (MRU covers only weights that were): ``"zero"`` (the sparse start is the initial
-    weights times the mask) or ``"initial"`` (its dense initial value)."""
+    weights times the mask) or ``"initial"`` (its dense initial value). Weights only: channel
+    IEE starts from a knapsack selection of the whole model, whose other channels keep their
+    values."""
 
     update_period: tuple[int, int, int] = (100, 100, 100)
     importance: str | None = None
