@@ -13,6 +13,7 @@ __all__ = [
     "ExportError",
     "InputError",
     "NMCompileError",
+    "NMCompileWarning",
     "NMViolationError",
     "NonFiniteError",
     "OnnxFileError",
@@ -27,6 +28,11 @@ __all__ = [
 
 class NMCompileError(Exception):
     """Base class of every error nmcompile raises on purpose."""
+
+
+class NMCompileWarning(UserWarning):
+    """Something the user may want to know about: a layer left dense and why, a tracing choice
+    made for them (a KV cache switched off, shapes fixed to the example's)."""
 
 
 class PatternError(NMCompileError, ValueError):
