@@ -4,7 +4,8 @@ Forward FLOPs count multiplications and additions (2 per multiply-accumulate) of
 linear layers and matrix products; elementwise ops are ignored (they are a rounding error next to
 the GEMMs, and the papers ignore them too). The dense total comes from
 ``torch.utils.flop_counter.FlopCounterMode`` on one forward of the example inputs; each site's
-share is ``2 * numel(output) * prod(weight.shape[1:])`` from the recorded output shape.
+share is ``2 * numel(output) * numel(weight) / weight.shape[out_axis]`` (the multiply-adds per
+output element) from the recorded output shape, or what the probe counted inside an opaque call.
 
 A site with mask density ``d_l`` costs ``d_l`` times its dense FLOPs, so for a model with dense
 forward cost ``zeta_D`` the sparse forward cost is::
@@ -27,7 +28,17 @@ import torch.fx as fx
 
 from nmcompile.passes import propagate_shapes
 
-__all__ = ["FlopModel"]
+__all__ = ["FlopModel", "count_total"]
+
+
+def count_total(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> float:
+    """Dense forward FLOPs of ``gm`` on ``example_inputs`` (all samples); records node shapes
+    (and what opaque calls do with weights) on the way, see ``propagate_shapes``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        propagate_shapes(gm, example_inputs)
+    return float(counter.get_total_flops())
 
 
 def _batch_size(example_inputs: Sequence[Any]) -> int:
@@ -47,23 +58,20 @@ class FlopModel:
     @classmethod
     def build(cls, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> FlopModel:
         """Count on one forward of ``gm`` (also validates the inputs and records node shapes)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            propagate_shapes(gm, example_inputs)
-        return cls.from_shapes(gm, float(counter.get_total_flops()), _batch_size(example_inputs))
+        total = count_total(gm, example_inputs)
+        return cls.from_shapes(gm, total, _batch_size(example_inputs))
 
     @classmethod
     def from_shapes(cls, gm: fx.GraphModule, total: float, batch: int) -> FlopModel:
         per_site: dict[str, float] = {}
         for node in gm.graph.nodes:
+            for param, flops in (node.meta.get("nm_site_flops") or {}).items():
+                per_site[param] = per_site.get(param, 0.0) + flops / batch
             site = node.meta.get("nm_site")
             shape = node.meta.get("nm_shape")
-            if site is None or shape is None:
+            if site is None or shape is None or node.meta.get("nm_mask_source"):
                 continue
-            macs_per_output = 1
-            for d in site.shape[1:]:
-                macs_per_output *= d
+            macs_per_output = site.numel // max(site.shape[site.out_axis], 1)
             out = 1
             for d in shape:
                 out *= d

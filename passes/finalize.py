@@ -44,8 +44,9 @@ def finalize(gm: fx.GraphModule, *, fold_bn: bool = False) -> PassResult:
                 param.mul_(mask_value(gm, call).to(param.dtype))
                 folded.add(call.site.param)
             owners.add((call.site.name, call.site.attr))
-            if call.module is None:  # matmul site: the weight argument is the parameter again
-                call.node.args = (call.node.args[0], call.weight, *call.node.args[2:])
+            if call.module is None:  # matmul site: every reader gets the parameter again
+                call.source.replace_all_uses_with(call.weight)
+                graph.erase_node(call.source)
                 continue
             x = call.node.args[0]
             with graph.inserting_before(call.node):

@@ -1,20 +1,39 @@
-"""``find_sites``: which weights the pruning passes may touch.
+"""``find_sites``: which weights the pruning passes may touch, found by what the graph computes.
 
-A site is a conv (``groups == 1``, zero padding, not transposed) or linear weight. N:M groups run
-along axis 1 of the weight (conv input channels, linear input features). Excluded, with the reason
-kept for the report:
+A site is a weight whose every use is a product reduced along one axis of it:
 
-- the stem (first weight layer in execution order) and the classifier (last one), as the papers
-  do (``prune_stem`` / ``prune_classifier`` to include them);
-- grouped and depthwise convs, transposed convs, non-zero padding modes;
-- a layer whose reduction dimension is not a multiple of ``m`` (warned, naming the layer);
-- layers matched by ``exclude`` (fnmatch patterns over module paths), or not matched by
-  ``include`` when given.
+- a conv module call (``groups == 1``, zero padding, not transposed) or a linear module call:
+  N:M groups along axis 1 (input channels / input features);
+- a *matmul site*: a 2-D parameter the graph feeds to a product itself, read through
+  ``_weight_uses`` from torch functions, Tensor methods and ATen ops alike: ``linear(x, W)``
+  (attention's packed ``in_proj_weight``, a weight handed to ``F.linear``), ``addmm(b, x, W)`` /
+  ``x @ W`` (transformers' ``Conv1D``, weight stored ``[in, out]``: groups along axis 0), and
+  weights passed into a function the graph keeps opaque (torchvision's
+  ``shifted_window_attention``), looked into by ``propagate_shapes``' probe.
+
+Every conv, linear and ``Conv1D`` of the traced model, and every 2-D parameter used by a product,
+is either a site or an :class:`ExcludedLayer` with its reason, so nothing is left dense in
+silence. Reasons, in the order they are decided:
+
+- ``include`` / ``exclude`` (fnmatch patterns over module paths or parameter names);
+- not called by the traced forward; inside a leaf module (``leaf_modules``); a subclass that
+  overrides ``forward`` and is kept opaque;
+- also used by something that is not a product (an embedding tied to an LM head: a mask would
+  prune the embedding's rows too), or along two different axes;
+- transposed convs, grouped / depthwise convs, non-zero padding modes, zero-size weights;
+- the stem and the classifier, by role (``prune_stem`` / ``prune_classifier`` to prune them).
+  The *stem* reads the raw input: its activation operand is computed from the model's inputs
+  and constants alone, with no parameter on the way (pixels into the first conv, a patch
+  embedding); a layer whose output feeds attention (``scaled_dot_product_attention`` or a
+  product of two activations) is never a stem. The *classifier* produces the model's output: its
+  result reaches the graph output through parameter-free ops alone (a classification head, an LM
+  head);
+- a reduction dimension that is not a multiple of ``m`` (warned, naming the layer).
 
 The pass writes ``node.meta["nm_site"]`` on every call of a site and ``gm.meta["nm_sites"]`` /
 ``gm.meta["nm_excluded"]``; read them back with :func:`get_sites` / :func:`get_excluded`.
-A weight shared by two modules (tied weights) is one site: the later modules are recorded as its
-``aliases`` and share its mask.
+A weight shared by two modules that both only multiply with it (tied weights) is one site: the
+later modules are recorded as its ``aliases`` and share its mask.
 """
 
 from __future__ import annotations
@@ -24,13 +43,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from nmcompile._errors import ConfigError
+from nmcompile._errors import ConfigError, NMCompileWarning
 from nmcompile._pattern import NMPattern
 
 from ._infra import PassResult
+from ._weight_uses import WeightUse, graph_weight_uses, op_name
 
 __all__ = [
     "ExcludedLayer",
@@ -45,10 +66,6 @@ __all__ = [
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class NMCompileWarning(UserWarning):
-    """A layer left dense for a reason the user may want to know about."""
-
-
 @dataclass(frozen=True)
 class PrunableSite:
     """One weight the passes may prune.
@@ -60,7 +77,7 @@ class PrunableSite:
 
     name: str
     param: str
-    kind: str  # "conv" | "linear" | "matmul"
+    kind: str  # "conv" | "linear" (module calls) | "matmul" (a parameter fed to a product)
     shape: tuple[int, ...]
     group_axis: int = 1
     aliases: tuple[str, ...] = field(default=())
@@ -69,6 +86,23 @@ class PrunableSite:
     @property
     def reduction(self) -> int:
         return self.shape[self.group_axis]
+
+    @property
+    def out_axis(self) -> int:
+        """The output axis of the weight: 0, except for a 2-D weight reduced along axis 0 (a
+        ``[in, out]`` weight such as transformers' ``Conv1D``), whose outputs run along axis 1."""
+        return 1 if self.group_axis == 0 and len(self.shape) == 2 else 0
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (weight-shaped) as ``[outputs, rest]``: one row per output channel / feature."""
+        return t.movedim(self.out_axis, 0).reshape(t.shape[self.out_axis], -1)
+
+    def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`rows`: back to the weight's shape."""
+        moved = [self.shape[self.out_axis]] + [
+            d for i, d in enumerate(self.shape) if i != self.out_axis
+        ]
+        return rows.reshape(moved).movedim(0, self.out_axis)
 
     @property
     def numel(self) -> int:
@@ -80,12 +114,12 @@ class PrunableSite:
     @property
     def mask_target(self) -> str:
         """Attribute path of this site's persistent mask buffer."""
-        return f"{self.name}.{self.attr}_mask"
+        return f"{self.name}.{self.attr}_mask" if self.name else f"{self.attr}_mask"
 
     @property
     def masker_target(self) -> str:
         """Module path of this site's masker (learned / straight-through masks)."""
-        return f"{self.name}.{self.attr}_masker"
+        return f"{self.name}.{self.attr}_masker" if self.name else f"{self.attr}_masker"
 
     def to_json(self) -> dict:
         return {
@@ -140,23 +174,185 @@ def _overridden_forward(mod: nn.Module) -> type | None:
     return None
 
 
-def _is_matmul_site(gm: fx.GraphModule, node: fx.Node) -> bool:
-    import torch.nn.functional as F
-
-    if node.op != "call_function" or node.target is not F.linear or len(node.args) < 2:
-        return False
-    w = node.args[1]
-    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-        return False
-    try:
-        p = gm.get_parameter(w.target)
-    except AttributeError:
-        return False
-    return p.dim() == 2
-
-
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# -- roles: what reads the raw input, what produces the output ----------------------------------
+_RAW, _CONST, _WEIGHT, _ACT = "raw", "const", "weight", "act"
+_ATTENTION_OPS = frozenset(
+    {"scaled_dot_product_attention", "multi_head_attention_forward", "einsum", "baddbmm"}
+)
+_PRODUCTS = frozenset({"matmul", "bmm", "mm", "rmatmul"})
+
+
+class _Roles:
+    """Data-flow states of every node (``raw``: a function of the inputs and constants alone;
+    ``weight``: of parameters and constants; ``act``: anything that mixes them) and which nodes
+    reach the output through parameter-free ops."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.state: dict[fx.Node, str] = {}
+        for n in gm.graph.nodes:
+            self.state[n] = self._state(n)
+        self.to_output: set[fx.Node] = set()
+        for n in reversed(gm.graph.nodes):
+            if any(
+                u.op == "output" or (u in self.to_output and self.weight_free(u)) for u in n.users
+            ):
+                self.to_output.add(n)
+
+    def _has_params(self, n: fx.Node) -> bool:
+        if n.op == "call_module":
+            return any(True for _ in self.gm.get_submodule(n.target).parameters())
+        return False
+
+    def _state(self, n: fx.Node) -> str:
+        if n.op == "placeholder":
+            return _RAW
+        if n.op == "get_attr":
+            return _WEIGHT if _is_param(self.gm, n.target) else _CONST
+        if n.op == "output":
+            return _ACT
+        ins = {self.state.get(a, _ACT) for a in n.all_input_nodes}
+        if self._has_params(n):
+            ins.add(_WEIGHT)
+        if _ACT in ins or {_RAW, _WEIGHT} <= ins:
+            return _ACT
+        if _RAW in ins:
+            return _RAW
+        return _WEIGHT if _WEIGHT in ins else _CONST
+
+    def weight_free(self, n: fx.Node) -> bool:
+        return not self._has_params(n) and all(
+            self.state.get(a) != _WEIGHT for a in n.all_input_nodes
+        )
+
+    def reads_raw(self, n: fx.Node, weight: set[fx.Node]) -> bool:
+        """Whether a call's activation operands (inputs other than ``weight`` chain nodes and
+        parameters) are raw input."""
+        acts = [a for a in n.all_input_nodes if a not in weight and self.state[a] != _WEIGHT]
+        return (
+            bool(acts)
+            and any(self.state[a] == _RAW for a in acts)
+            and all(self.state[a] in (_RAW, _CONST) for a in acts)
+        )
+
+    def feeds_attention(self, n: fx.Node) -> bool:
+        seen: set[fx.Node] = set()
+        stack = list(n.users)
+        while stack:
+            u = stack.pop()
+            if u in seen or u.op == "output":
+                continue
+            seen.add(u)
+            name = op_name(u.target, u.op) if u.op in ("call_function", "call_method") else ""
+            if name in _ATTENTION_OPS or name.startswith("_scaled_dot_product"):
+                return True
+            if name in _PRODUCTS and all(self.state.get(a) == _ACT for a in u.all_input_nodes):
+                return True
+            if self.weight_free(u):
+                stack.extend(u.users)
+        return False
+
+
+def _is_param(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
+
+
+# -- candidates ----------------------------------------------------------------------------------
+@dataclass
+class _Candidate:
+    """Everything the graph does with one parameter (keyed by identity, so ties are one)."""
+
+    param: str  # the first name it is read under
+    owner: str
+    attr: str
+    shape: tuple[int, ...]
+    module: nn.Module | None = None  # the weight layer, for module calls
+    kind: str = "matmul"
+    calls: list[fx.Node] = field(default_factory=list)  # module calls (first = owner's)
+    callers: list[str] = field(default_factory=list)  # module path of each module call
+    products: list[WeightUse] = field(default_factory=list)  # direct product uses
+    others: list[str] = field(default_factory=list)  # descriptions of non-product uses
+    first: int = 0  # graph position of the first use
+
+    @property
+    def use_nodes(self) -> list[fx.Node]:
+        return self.calls + [u.node for u in self.products if u.node is not None]
+
+
+def _where(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return f"`{path}`"
+    return f"`{n.name}`"
+
+
+def _describe_use(u: WeightUse) -> str:
+    if u.node is None:
+        return f"`{u.op}`"
+    if u.op == "output":
+        return "the model's output"
+    return f"`{u.op}` in {_where(u.node)}"
+
+
+def _collect(gm: fx.GraphModule) -> dict[int, _Candidate]:
+    cands: dict[int, _Candidate] = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def cand(p: torch.Tensor, name: str, pos: int) -> _Candidate:
+        c = cands.get(id(p))
+        if c is None:
+            owner, _, attr = name.rpartition(".")
+            c = cands[id(p)] = _Candidate(name, owner, attr, tuple(p.shape), first=pos)
+        c.first = min(c.first, pos)
+        return c
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            kind = site_kind(mod)
+            if kind is not None and isinstance(getattr(mod, "weight", None), nn.Parameter):
+                c = cand(mod.weight, f"{node.target}.weight", order[node])
+                if c.module is None and not c.calls:
+                    c.module, c.kind = mod, kind
+                    c.param, c.owner, c.attr = f"{node.target}.weight", node.target, "weight"
+                c.calls.append(node)
+                c.callers.append(node.target)
+                if c.module is not mod and c.module is not None and kind != c.kind:
+                    c.others.append(f"the {kind} `{node.target}`")
+                continue
+            params = list(mod.named_parameters())
+            for pname, p in params:
+                if p.dim() < 2:
+                    continue
+                c = cand(p, f"{node.target}.{pname}", order[node])
+                if "." in pname:  # a weight layer inside a module called as one opaque call
+                    c.others.append(
+                        f"inside `{node.target}` ({type(mod).__name__}), a module called as one "
+                        "opaque call (leaf_modules)"
+                    )
+                else:
+                    c.others.append(f"the {type(mod).__name__} `{node.target}`")
+        elif node.op == "get_attr" and _is_param(gm, node.target):
+            p = gm.get_parameter(node.target)
+            if p.dim() < 2:
+                continue
+            c = cand(p, node.target, order[node])
+            for u in graph_weight_uses(node, p.dim()):
+                if u.is_product:
+                    c.products.append(u)
+                else:
+                    c.others.append(_describe_use(u))
+    return cands
 
 
 def find_sites(
@@ -172,174 +368,187 @@ def find_sites(
     """Annotate the sites of ``gm`` (see the module docstring). ``pattern=None``: unstructured."""
     if isinstance(exclude, str) or (include is not None and isinstance(include, str)):
         raise ConfigError("include / exclude must be lists of module-path patterns, not a string")
-    names = {name for name, _ in gm.named_modules()}
+    layers: dict[str, tuple[str, tuple[int, ...]]] = gm.meta.get("nm_weight_layers", {})
+    names = {name for name, _ in gm.named_modules()} | set(layers)
+    params = {name for name, _ in gm.named_parameters()}
     for opt, pats in (("exclude", exclude), ("include", include or ())):
         for p in pats:
-            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            if not any(fnmatch.fnmatchcase(n, p) for n in names | params):
                 raise ConfigError(
                     f"{opt} pattern {p!r} matches no module of the model; module paths look like "
                     f"{sorted(n for n in names if n)[:6]}"
                 )
 
-    # Weight layers in execution order (first call of each module). A matmul site is a 2-D
-    # parameter the graph feeds to F.linear itself (attention's packed qkv in_proj_weight).
-    order: list[tuple[str, nn.Module, str]] = []
-    calls: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            kind = site_kind(mod)
-            if kind is None:
-                continue
-            key = node.target
-        elif _is_matmul_site(gm, node):
-            key = node.args[1].target
-            mod, kind = gm, "matmul"
-        else:
-            continue
-        if key not in calls:
-            order.append((key, mod, kind))
-            calls[key] = []
-        calls[key].append(node)
-
-    stem = order[0][0] if order else None
-    classifier = order[-1][0] if len(order) > 1 else None
+    roles = _Roles(gm)
+    cands = sorted(_collect(gm).values(), key=lambda c: c.first)
     sites: list[PrunableSite] = []
     excluded: list[ExcludedLayer] = []
-    owner_of_param: dict[int, int] = {}  # id(weight) -> index in sites
+    seen_layers: set[str] = set()
 
-    for name, mod, kind in order:
-        if kind == "matmul":
-            param = gm.get_parameter(name)
-            owner, _, attr = name.rpartition(".")
-            shape = tuple(param.shape)
-            if (name == stem and not prune_stem) or (name == classifier and not prune_classifier):
-                excluded.append(
-                    ExcludedLayer(
-                        name,
-                        kind,
-                        shape,
-                        "stem layer (kept dense as in the papers)"
-                        if name == stem
-                        else "classifier (kept dense)",
-                    )
-                )
-                continue
-            if (
-                (
-                    include is not None
-                    and not _matches(owner, include)
-                    and not _matches(name, include)
-                )
-                or _matches(owner, exclude)
-                or _matches(name, exclude)
-            ):
-                excluded.append(ExcludedLayer(name, kind, shape, "excluded by the options"))
-                continue
-            if pattern is not None and shape[1] % pattern.m:
-                reason = f"{shape[1]} input features, not a multiple of {pattern.m}"
-                excluded.append(ExcludedLayer(name, kind, shape, reason))
-                if warn:
-                    warnings.warn(
-                        f"matmul weight `{name}` has {reason}: excluded from {pattern}; pass "
-                        f"exclude=[{owner!r}] to silence",
-                        NMCompileWarning,
-                        stacklevel=2,
-                    )
-                continue
-            sites.append(
-                PrunableSite(name=owner, param=name, kind="matmul", shape=shape, attr=attr)
-            )
-            continue
-        shape = tuple(mod.weight.shape)
+    for c in cands:
+        is_layer = c.module is not None or c.owner in layers
+        if not c.calls and not c.products and not is_layer:
+            continue  # an embedding table, a norm, a position table: not a weight layer
+        kind = c.kind if c.module is not None else "matmul"
+        name = c.owner if c.module is not None else c.param
+        seen_layers.update(c.callers or [c.owner])
+        axes = {u.axis for u in c.products} | ({1} if c.calls else set())
 
-        def skip(reason: str, *, _name: str = name, _kind: str = kind, _shape=shape) -> None:
-            excluded.append(ExcludedLayer(_name, _kind, _shape, reason))
+        def skip(reason: str, *, _c=c, _kind=kind) -> None:
+            excluded.append(ExcludedLayer(_c.owner, _kind, _c.shape, reason))
 
-        if include is not None and not _matches(name, include):
-            skip("not matched by include")
-            continue
-        if _matches(name, exclude):
-            skip("excluded by the exclude option")
-            continue
-        base = _overridden_forward(mod) if kind != "conv_transpose" else None
-        if base is not None:
-            reason = (
-                f"{type(mod).__name__} overrides nn.{base.__name__}.forward, so its call cannot be "
-                "rewritten into a masked one; kept dense"
-            )
+        def warn_skip(reason: str, message: str) -> None:
             skip(reason)
             if warn:
-                warnings.warn(
-                    f"{kind} `{name}`: {reason}. Leave it out of leaf_modules so torch.fx traces "
-                    f"into its forward and prunes the weight there, or pass exclude=[{name!r}] to "
-                    "silence",
-                    NMCompileWarning,
-                    stacklevel=2,
+                warnings.warn(message, NMCompileWarning, stacklevel=3)
+
+        if include is not None and not (_matches(c.owner, include) or _matches(c.param, include)):
+            skip("not matched by include")
+            continue
+        if _matches(c.owner, exclude) or _matches(c.param, exclude):
+            skip("excluded by the exclude option")
+            continue
+        if c.module is not None and kind != "conv_transpose":
+            base = _overridden_forward(c.module)
+            if base is not None:
+                reason = (
+                    f"{type(c.module).__name__} overrides nn.{base.__name__}.forward, so its call "
+                    "cannot be rewritten into a masked one; kept dense"
                 )
+                warn_skip(
+                    reason,
+                    f"{kind} `{name}`: {reason}. Leave it out of leaf_modules so torch.fx traces "
+                    "into its forward and prunes the weight there, or pass "
+                    f"exclude=[{c.owner!r}] to silence",
+                )
+                continue
+        if len(axes) > 1:
+            skip(f"reduced along different axes by its uses ({sorted(axes)}); kept dense")
             continue
         if kind == "conv_transpose":
             skip("transposed conv: its reduction axis is not axis 1 of the weight; kept dense")
             continue
-        if name == stem and not prune_stem:
-            skip("stem layer (kept dense as in the papers; prune_stem=True to prune it)")
-            continue
-        if name == classifier and not prune_classifier:
-            skip("classifier (kept dense as in the papers; prune_classifier=True to prune it)")
-            continue
-        if kind == "conv" and mod.groups != 1:
+        if kind == "conv" and c.module.groups != 1:
             skip(
-                f"grouped/depthwise conv (groups={mod.groups}): sparse tensor cores run only "
+                f"grouped/depthwise conv (groups={c.module.groups}): sparse tensor cores run only "
                 "groups=1 convs; kept dense"
             )
             continue
-        if kind == "conv" and mod.padding_mode != "zeros":
-            skip(f"padding_mode={mod.padding_mode!r} (only 'zeros' is lowered); kept dense")
+        if kind == "conv" and c.module.padding_mode != "zeros":
+            skip(f"padding_mode={c.module.padding_mode!r} (only 'zeros' is lowered); kept dense")
             continue
-        if mod.weight.numel() == 0:
+        if not c.calls and not c.products:
+            if c.others:
+                skip(f"used only {', '.join(sorted(set(c.others))[:3])}; kept dense")
+            else:
+                skip("not called by the traced forward (dead code for these inputs); kept dense")
+            continue
+        if 0 in c.shape:
             skip("zero-size weight")
             continue
-        if pattern is not None and shape[1] % pattern.m:
-            what = "input channels" if kind == "conv" else "input features"
-            reason = f"{shape[1]} {what}, not a multiple of {pattern.m}"
-            skip(reason)
-            if warn:
-                warnings.warn(
-                    f"{kind} `{name}` has {reason}: excluded from {pattern}; pass "
-                    f"exclude=[{name!r}] to silence",
-                    NMCompileWarning,
-                    stacklevel=2,
-                )
-            continue
-        pid = id(mod.weight)
-        if pid in owner_of_param:  # tied weight: share the first owner's mask
-            i = owner_of_param[pid]
-            sites[i] = PrunableSite(
-                sites[i].name,
-                sites[i].param,
-                sites[i].kind,
-                sites[i].shape,
-                sites[i].group_axis,
-                (*sites[i].aliases, name),
+        weight_chain = _chain_nodes(gm, c.param)
+        uses = c.use_nodes
+        attention = any(roles.feeds_attention(u) for u in uses)
+        stem = not attention and any(roles.reads_raw(u, weight_chain) for u in uses)
+        if stem and not prune_stem:
+            skip(
+                "stem layer: reads the raw input (kept dense as in the papers; prune_stem=True "
+                "to prune it)"
             )
             continue
-        owner_of_param[pid] = len(sites)
-        sites.append(PrunableSite(name=name, param=f"{name}.weight", kind=kind, shape=shape))
-
-    by_module = {s.name if s.kind != "matmul" else s.param: s for s in sites}
-    for s in sites:
-        for a in s.aliases:
-            by_module[a] = s
-    for name, nodes in calls.items():
-        for node in nodes:
-            if name in by_module:
-                node.meta["nm_site"] = by_module[name]
+        if any(u in roles.to_output for u in uses) and not prune_classifier:
+            skip(
+                "classifier: its output is the model's output (kept dense as in the papers; "
+                "prune_classifier=True to prune it)"
+            )
+            continue
+        if c.others:
+            uses = sorted(set(c.others))
+            tied = [u for u in uses if "Embedding" in u or "`embedding`" in u]
+            reason = (
+                f"tied to an embedding ({tied[0]}): a mask would prune the embedding's rows too; "
+                "kept dense"
+                if tied
+                else f"also used by {', '.join(uses[:3])}: a mask would change that use too; "
+                "kept dense"
+            )
+            warn_skip(
+                reason,
+                f"{kind} `{name}`: {reason}. Untie the weights to prune it, or pass "
+                f"exclude=[{c.owner!r}] to silence",
+            )
+            continue
+        axis = axes.pop()
+        if pattern is not None and c.shape[axis] % pattern.m:
+            what = "input channels" if kind == "conv" else "input features"
+            reason = f"{c.shape[axis]} {what}, not a multiple of {pattern.m}"
+            warn_skip(
+                reason,
+                f"{kind} `{name}` has {reason}: excluded from {pattern}; pass "
+                f"exclude=[{c.owner!r}] to silence",
+            )
+            continue
+        site = PrunableSite(
+            name=c.owner,
+            param=c.param,
+            kind=kind,
+            shape=c.shape,
+            group_axis=axis,
+            aliases=tuple(dict.fromkeys(x for x in c.callers[1:] if x != c.owner)),
+            attr=c.attr,
+        )
+        sites.append(site)
+        for n in c.calls:
+            n.meta["nm_site"] = site
+        for u in c.products:
+            if u.node is None:
+                continue
+            if u.flops is not None:  # inside an opaque call: the probe counted it
+                u.node.meta.setdefault("nm_site_flops", {})[site.param] = u.flops
             else:
-                node.meta.pop("nm_site", None)
+                u.node.meta["nm_site"] = site
+
+    for layer, (cls, shape) in layers.items():
+        if layer not in seen_layers and not any(e.name == layer for e in excluded):
+            if (include is not None and not _matches(layer, include)) or _matches(layer, exclude):
+                continue
+            excluded.append(
+                ExcludedLayer(
+                    layer,
+                    cls,
+                    shape,
+                    "not called by the traced forward (dead code for these inputs); kept dense",
+                )
+            )
+    for node in gm.graph.nodes:  # a re-run forgets what an earlier run decided
+        site = node.meta.get("nm_site")
+        if site is not None and site not in sites:
+            node.meta.pop("nm_site", None)
+        flops = node.meta.get("nm_site_flops")
+        if flops:
+            keep = {s.param for s in sites}
+            for p in list(flops):
+                if p not in keep:
+                    del flops[p]
     gm.meta["nm_sites"] = sites
     gm.meta["nm_excluded"] = excluded
     # An analysis: it annotates node.meta / gm.meta but changes neither graph nor tensors.
     return PassResult(gm, False)
+
+
+def _chain_nodes(gm: fx.GraphModule, param: str) -> set[fx.Node]:
+    """The get_attr nodes of ``param`` and the layout views taken of them."""
+    out: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == param:
+            stack = [n]
+            while stack:
+                x = stack.pop()
+                if x in out:
+                    continue
+                out.add(x)
+                stack.extend(u for u in x.users if u.op != "output" and len(u.all_input_nodes) == 1)
+    return out
 
 
 def get_sites(gm: fx.GraphModule) -> list[PrunableSite]:

@@ -7,8 +7,13 @@ Each ``call_module`` of a conv / linear site becomes the functional op fed by th
     w = self.layer1.conv1.weight;  k = self.layer1.conv1.weight_mask
     y = torch.conv2d(x, torch.mul(w, k), self.layer1.conv1.bias, stride, padding, dilation, 1)
 
-A ``matmul`` site (a parameter fed to ``F.linear`` by the graph itself, e.g. the packed qkv
-``in_proj_weight`` of attention) keeps its call; only its weight argument is rerouted.
+A ``matmul`` site (a parameter the graph feeds to a product itself: the packed qkv
+``in_proj_weight`` of attention, a transformers ``Conv1D`` weight in ``addmm``, a weight handed to
+an opaque helper) keeps its calls; the parameter's read is masked where it happens::
+
+    w = self.attn.qkv.weight                 w = self.attn.qkv.weight
+    y = shifted_window_attention(x, w, ...)  ->  wm = torch.mul(w, self.attn.qkv.weight_mask)
+                                             y = shifted_window_attention(x, wm, ...)
 
 The mask is either a persistent bool buffer ``<module>.<attr>_mask`` (IMP, ASP, IEE: methods
 rewrite it in place between rounds; it is in ``state_dict``, so checkpoints carry it) or, when
@@ -69,24 +74,28 @@ def insert_masks(
 
     graph = gm.graph
     modified = False
+    matmul = {s.param: s for s in sites.values() if s.kind == "matmul"}
+    by_param = {id(gm.get_parameter(p)): site for p, site in matmul.items()}
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or not by_param:
+            continue
+        try:
+            site = by_param.get(id(gm.get_parameter(node.target)))
+        except AttributeError:
+            continue
+        if site is None or any(_is_source(u, site) for u in node.users):
+            continue  # not a matmul site, or already masked
+        with graph.inserting_before(node.next):
+            wm = _mask_node(graph, node, site, mask_module is None)
+        node.replace_all_uses_with(wm, delete_user_cb=lambda u, _wm=wm: u is not _wm)
+        modified = True
     for node in list(graph.nodes):
         site: PrunableSite | None = node.meta.get("nm_site")
-        if site is None or node.op not in ("call_module", "call_function"):
+        if site is None or node.op != "call_module" or site.kind == "matmul":
             continue
-        if node.op == "call_function" and (
-            node.target is not F.linear or not _is_weight_attr(node.args[1], site)
-        ):
-            continue  # already masked, or not a matmul site
         with graph.inserting_before(node):
             w = graph.get_attr(site.param)
-            if mask_module is None:
-                wm = graph.call_function(torch.mul, (w, graph.get_attr(site.mask_target)))
-            else:
-                wm = graph.call_module(site.masker_target, (w,))
-            if node.op == "call_function":  # matmul site: reroute the weight argument only
-                node.args = (node.args[0], wm, *node.args[2:])
-                modified = True
-                continue
+            wm = _mask_node(graph, w, site, mask_module is None)
             mod = gm.get_submodule(node.target)
             x = node.args[0] if node.args else node.kwargs["input"]
             bias = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
@@ -108,15 +117,33 @@ def insert_masks(
     return PassResult(gm, modified)
 
 
-def _is_weight_attr(arg: object, site: PrunableSite) -> bool:
-    return isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target == site.param
+def _mask_node(graph: fx.Graph, w: fx.Node, site: PrunableSite, buffer: bool) -> fx.Node:
+    if buffer:
+        wm = graph.call_function(torch.mul, (w, graph.get_attr(site.mask_target)))
+    else:
+        wm = graph.call_module(site.masker_target, (w,))
+    wm.meta["nm_site"] = site
+    wm.meta["nm_mask_source"] = True  # the weight's mask node, not a call computing with it
+    return wm
+
+
+def _is_source(node: object, site: PrunableSite) -> bool:
+    """Whether ``node`` is the mask node of ``site`` (``mul(weight, mask)`` or its masker)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_module":
+        return node.target == site.masker_target
+    if node.op != "call_function" or node.target is not torch.mul or len(node.args) != 2:
+        return False
+    mask = node.args[1]
+    return isinstance(mask, fx.Node) and mask.op == "get_attr" and mask.target == site.mask_target
 
 
 @dataclass(frozen=True)
 class MaskedCall:
     """One call whose weight argument is a mask node (``mul(weight, mask)`` or a masker)."""
 
-    node: fx.Node
+    node: fx.Node  # the rewritten conv / linear call; for matmul sites the mask node itself
     site: PrunableSite
     module: str | None  # the conv / linear module this call replaced; None for matmul sites
     source: fx.Node  # the mul or masker node feeding the weight argument
@@ -131,18 +158,19 @@ class MaskedCall:
 
 
 def masked_calls(gm: fx.GraphModule) -> Iterator[MaskedCall]:
-    """Every masked call of ``gm`` in graph order."""
+    """Every masked call of ``gm`` in graph order: one per rewritten module call, one per mask
+    node of a matmul site."""
     for node in gm.graph.nodes:
         site = node.meta.get("nm_site")
-        if node.op != "call_function" or site is None or len(node.args) < 2:
+        if site is None or node.op not in ("call_function", "call_module"):
             continue
-        src = node.args[1]
-        if not isinstance(src, fx.Node):
+        if _is_source(node, site):
+            if site.kind == "matmul":
+                yield MaskedCall(node, site, None, node)
             continue
-        if (src.op == "call_function" and src.target is torch.mul) or (
-            src.op == "call_module" and src.target == site.masker_target
-        ):
-            yield MaskedCall(node, site, node.meta.get("nm_module"), src)
+        module = node.meta.get("nm_module")
+        if module is not None and len(node.args) >= 2 and _is_source(node.args[1], site):
+            yield MaskedCall(node, site, module, node.args[1])
 
 
 def mask_value(gm: fx.GraphModule, call: MaskedCall) -> torch.Tensor:

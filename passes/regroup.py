@@ -345,11 +345,11 @@ def regroup(gm: fx.GraphModule, settings: RegroupSettings = RegroupSettings()) -
             mask = getattr(owner, f"{site.attr}_mask", None)
             if mask is None:
                 continue
-            m2d = mask.reshape(mask.shape[0], -1).cpu()
+            m2d = site.rows(mask).cpu()  # one row per output channel
             new, found = regroup_mask(m2d, settings)
             blocks[site.param] = found
             if found and not torch.equal(new, m2d):
-                mask.copy_(new.reshape(mask.shape).to(mask.device))
+                mask.copy_(site.from_rows(new).to(mask.device))
                 modified = True
     gm.meta["nm_blocks"] = blocks
     return PassResult(gm, modified)

@@ -78,13 +78,14 @@ def alive_count(t: float, t_i: float, t_f: float, c: int) -> int:
     return 1 + math.ceil((c - 1) * (1.0 - p) ** 3 - 1e-9)
 
 
-def _to_groups(t: torch.Tensor, m: int) -> torch.Tensor:
-    """[..., C_in, ...] -> [groups, m] with groups of m consecutive input channels."""
-    return group_view(t, m).permute(0, 1, 3, 2).reshape(-1, m)
+def _to_groups(t: torch.Tensor, m: int, axis: int = 1) -> torch.Tensor:
+    """[..., C_in, ...] -> [groups, m] with groups of m consecutive input channels (along the
+    site's reduction ``axis``)."""
+    return group_view(t, m, axis).permute(0, 1, 3, 2).reshape(-1, m)
 
 
-def _from_groups(g: torch.Tensor, like: torch.Tensor, m: int) -> torch.Tensor:
-    view = group_view(like, m)
+def _from_groups(g: torch.Tensor, like: torch.Tensor, m: int, axis: int = 1) -> torch.Tensor:
+    view = group_view(like, m, axis)
     pre, groups, _, post = view.shape
     return g.reshape(pre, groups, post, m).permute(0, 1, 3, 2).reshape(like.shape)
 
@@ -92,9 +93,9 @@ def _from_groups(g: torch.Tensor, like: torch.Tensor, m: int) -> torch.Tensor:
 class LBCMasker(nn.Module):
     """Score matrix, candidate list and surviving candidates of one weight."""
 
-    def __init__(self, weight: torch.Tensor, pattern: NMPattern) -> None:
+    def __init__(self, weight: torch.Tensor, pattern: NMPattern, axis: int = 1) -> None:
         super().__init__()
-        self.n, self.m = pattern.n, pattern.m
+        self.n, self.m, self.axis = pattern.n, pattern.m, axis
         combos = combinations(pattern.n, pattern.m)
         groups = weight.numel() // pattern.m
         init = 1.0 / math.comb(pattern.m - 1, pattern.n - 1)
@@ -108,14 +109,14 @@ class LBCMasker(nn.Module):
         return (self.alive.to(torch.float32) @ self.combos.to(torch.float32)) > 0
 
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
-        return _from_groups(self._hard(), weight, self.m)
+        return _from_groups(self._hard(), weight, self.m, self.axis)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         combos = self.combos.to(self.scores.dtype)
         soft = (self.scores * self.alive) @ combos
         hard = self._hard().to(soft.dtype)
         b = hard + soft - soft.detach()  # value: the hard mask; gradient: to the scores (Eq. 9)
-        return weight * _from_groups(b, weight, self.m).to(weight.dtype)
+        return weight * _from_groups(b, weight, self.m, self.axis).to(weight.dtype)
 
     @torch.no_grad()
     def keep(self, count: int) -> None:
@@ -146,12 +147,12 @@ class _STE(torch.autograd.Function):
 class SRSTEMasker(nn.Module):
     """Magnitude N:M mask every forward; straight-through (sparse-refined) backward."""
 
-    def __init__(self, pattern: NMPattern, lam: float) -> None:
+    def __init__(self, pattern: NMPattern, lam: float, axis: int = 1) -> None:
         super().__init__()
-        self.pattern, self.lam = pattern, lam
+        self.pattern, self.lam, self.axis = pattern, lam, axis
 
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.pattern.mask(weight.detach(), transform=torch.abs)
+        return self.pattern.mask(weight.detach(), self.axis, transform=torch.abs)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _STE.apply(weight, self.mask(weight), self.lam)
@@ -226,7 +227,7 @@ def _flops_diagnostics(session: Session, table1: str) -> dict[str, float]:
     "lbc",
     LBCConfig,
     structured=True,
-    masker=lambda config, pattern: lambda site, weight: LBCMasker(weight, pattern),
+    masker=lambda config, pattern: lambda site, weight: LBCMasker(weight, pattern, site.group_axis),
     summary="learned best N:M combination per group (score matrix, cubic removal)",
 )
 def run_lbc(session: Session, config: LBCConfig) -> None:
@@ -263,7 +264,9 @@ def run_lbc(session: Session, config: LBCConfig) -> None:
     "sr-ste",
     SRSTEConfig,
     structured=True,
-    masker=lambda config, pattern: lambda site, weight: SRSTEMasker(pattern, config.lam),
+    masker=lambda config, pattern: (
+        lambda site, weight: SRSTEMasker(pattern, config.lam, site.group_axis)
+    ),
     summary="SR-STE: magnitude N:M each forward, refined straight-through backward",
 )
 def run_sr_ste(session: Session, config: SRSTEConfig) -> None:
@@ -276,7 +279,7 @@ def run_sr_ste(session: Session, config: SRSTEConfig) -> None:
     "ste",
     STEConfig,
     structured=True,
-    masker=lambda config, pattern: lambda site, weight: SRSTEMasker(pattern, 0.0),
+    masker=lambda config, pattern: lambda site, weight: SRSTEMasker(pattern, 0.0, site.group_axis),
     summary="STE: magnitude N:M each forward, straight-through backward",
 )
 def run_ste(session: Session, config: STEConfig) -> None:

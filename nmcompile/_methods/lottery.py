@@ -208,12 +208,15 @@ class LMIMPConfig(MIMPConfig):
             check_int(self, "eb_start_round", 0)
 
 
-def plp_scores(weight: torch.Tensor, mask: torch.Tensor, m: int, norm: str) -> torch.Tensor:
+def plp_scores(
+    weight: torch.Tensor, mask: torch.Tensor, m: int, norm: str, axis: int = 1
+) -> torch.Tensor:
     """Group-normalised magnitude ``v`` of every weight among its group's surviving weights
-    (z-score or fraction of the group's max; see the module docstring)."""
+    (z-score or fraction of the group's max; see the module docstring). Groups run along the
+    site's reduction ``axis``."""
     a = weight.detach().abs().float() * mask
-    av = group_view(a, m)
-    mv = group_view(mask, m).float()
+    av = group_view(a, m, axis)
+    mv = group_view(mask, m, axis).float()
     if norm == "max":
         v = av / av.amax(2, keepdim=True).clamp_min(1e-30)
     else:
@@ -240,12 +243,13 @@ class _MIMP(RoundMethod):
         cfg = self.config
         pattern = engine.session.pattern
         masks, weights = engine.masks(), engine.weights()
+        axis = {s.param: s.group_axis for s in engine.session.sites}
         winners, pool, scores = {}, {}, {}
         for p, w in weights.items():
             mag = w.abs()
             scores[p] = mag
             ranked = torch.where(masks[p], mag, torch.full_like(mag, float("-inf")))
-            winners[p] = nm_mask(ranked, pattern) & masks[p]
+            winners[p] = nm_mask(ranked, pattern, axis=axis[p]) & masks[p]
             pool[p] = masks[p] & ~winners[p]
         pool_before = sum(int(x.sum()) for x in pool.values())
         keep = global_unstructured(scores, cfg.prune_rate, eligible=pool)
@@ -254,7 +258,7 @@ class _MIMP(RoundMethod):
         candidates = {}
         if self.plp or (cfg.plp_diagnostics and not self.plp):
             for p, w in weights.items():
-                v = plp_scores(w, masks[p], pattern.m, cfg.plp_norm)
+                v = plp_scores(w, masks[p], pattern.m, cfg.plp_norm, axis[p])
                 candidates[p] = pool[p] & (v <= cfg.alpha)
         plp_pruned = 0
         if self._plp_active(engine):

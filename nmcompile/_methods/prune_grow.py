@@ -260,7 +260,7 @@ class _Structure:
         w = self.session.weight(site)
         scores = torch.rand(site.shape, generator=self.gen).to(w.device)
         if self.pattern is not None:
-            return self.pattern.mask(scores)
+            return self.pattern.mask(scores, site.group_axis)
         k = round(self.density[site.param] * site.numel)
         flat = torch.zeros(site.numel, dtype=torch.bool, device=w.device)
         flat[scores.reshape(-1).topk(k).indices] = True
@@ -327,12 +327,12 @@ class _Structure:
             g_mask = torch.zeros_like(act)
             if self.pattern is not None:
                 # each group grows back as many as it lost: its best inactive entries
-                m = self.pattern.m
-                need = group_view(lost, m).sum(dim=2, keepdim=True)  # [pre, G, 1, post]
+                m, ax = self.pattern.m, s.group_axis
+                need = group_view(lost, m, ax).sum(dim=2, keepdim=True)  # [pre, G, 1, post]
                 cand = torch.where(
-                    group_view(act, m),
-                    torch.full_like(group_view(sc, m), float("-inf")),
-                    group_view(sc, m),
+                    group_view(act, m, ax),
+                    torch.full_like(group_view(sc, m, ax), float("-inf")),
+                    group_view(sc, m, ax),
                 )
                 order = cand.argsort(dim=2, descending=True, stable=True)
                 rank = torch.empty_like(order)

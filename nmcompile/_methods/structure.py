@@ -200,8 +200,8 @@ class _IMPRefill(_IMP):
         def kept(k: dict[int, int]) -> int:
             total = 0
             for site in session.sites:
-                per_row = site.numel // site.shape[0]
-                rows = k.get(out_space.get(site.name), site.shape[0])
+                per_row = site.numel // site.shape[site.out_axis]
+                rows = k.get(out_space.get(site.name), site.shape[site.out_axis])
                 if site.name in in_space:
                     idx, factor = in_space[site.name]
                     per_row = per_row // site.shape[1] * k[idx] * factor
@@ -318,10 +318,10 @@ def _regroup_all(
     blocks, new = {}, {}
     for site in engine.session.sites:
         mask = masks[site.param]
-        m2d = mask.reshape(mask.shape[0], -1)
+        m2d = site.rows(mask)  # one row per output channel, whatever the weight's layout
         budget = int(m2d.sum()) if keep_budget else None
         out, found = regroup_mask(m2d.cpu(), settings, budget=budget)
-        new[site.param] = out.reshape(mask.shape).to(mask.device)
+        new[site.param] = site.from_rows(out).to(mask.device)
         blocks[site.param] = [[b.rows.tolist(), b.cols.tolist()] for b in found]
     return new, blocks
 
