@@ -249,7 +249,8 @@ class OnnxNMReport:
             parts.append(f"{len(bad)} violate: {listed}{more}")
         counts = {
             _STATUS_NOT_DIVISIBLE: f"not divisible by {self.pattern.m}",
-            _STATUS_NOT_CONSTANT: "not constant",
+            # activations (attention's q @ k^T, p @ v) or weights the file computes at run time
+            _STATUS_NOT_CONSTANT: "operands computed at run time (not constant weights)",
         }
         for status, text in counts.items():
             k = sum(e.status == status for e in self.entries)
@@ -270,7 +271,14 @@ class OnnxNMReport:
         if self.declared is not None:
             wanted = set(self.declared)
             good_declared = len({e.initializer for e in checked if e.ok} & wanted)
-            dense = sorted({e.initializer for e in self.entries if e.initializer} - wanted)
+            dense = sorted(
+                {
+                    e.initializer
+                    for e in self.entries
+                    if e.initializer and e.status != _STATUS_NOT_CONSTANT
+                }
+                - wanted
+            )
             other = (
                 f" (the file was pruned to {self.declared_pattern})"
                 if self.declared_pattern != str(self.pattern)
@@ -293,7 +301,10 @@ class OnnxNMReport:
             "| initializer | op | shape | axis | groups | violations | density | status |",
             "|---|---|---|---|---|---|---|---|",
         ]
+        computed = [e for e in self.entries if e.status == _STATUS_NOT_CONSTANT]
         for e in self.entries:
+            if e.status == _STATUS_NOT_CONSTANT:
+                continue  # an activation (attention scores): counted below, not a weight
             op = e.op_type if e.group == 1 else f"{e.op_type} (group={e.group})"
             cells = [
                 e.initializer or "—",
@@ -306,6 +317,14 @@ class OnnxNMReport:
                 e.status,
             ]
             lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+        if computed:
+            names = ", ".join(f"{e.op_type} `{e.node}`" for e in computed[:_MAX_LISTED])
+            more = ", ..." if len(computed) > _MAX_LISTED else ""
+            lines += [
+                "",
+                f"{len(computed)} operand(s) computed at run time are not constant weights and "
+                f"were not checked (activations such as attention scores): {names}{more}",
+            ]
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:

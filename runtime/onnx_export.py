@@ -2,8 +2,11 @@
 
 1. The masks are folded into the weights and BatchNorm into the convs first (``finalize``): a
    ``Mul(weight, mask)`` left in the graph would hide the sparsity from TensorRT.
-2. ``onnx.checker`` accepts the file, and ONNX Runtime (CPU) reproduces the torch output within
-   ``rtol`` (relative L2 error; 1e-3 for fp32, 1e-2 for fp16 against the fp32 reference).
+2. ``onnx.checker`` accepts the file, and ONNX Runtime (CPU) reproduces the fp32 torch output of
+   the reference module: per output, ``max |onnx - torch| <= atol + rtol * max |torch|`` (a scale
+   set by the output itself, so random-init logits near fp16's subnormal range are compared on
+   the absolute ``atol``). Defaults: rtol 1e-3 / atol 1e-6 for fp32, rtol 2e-2 / atol 1e-4 for
+   fp16.
 3. The N:M checker reads every pruned weight back from the file (the exporter may transpose and
    rename linear weights into MatMul constants; those are matched back by content and renamed to
    the parameter's name so engine reports and checks speak the model's names).
@@ -14,6 +17,13 @@ when all checks pass; a model over 2 GB keeps its weights in ``<name>.data`` bes
 A file exported with a pattern carries ``metadata_props`` naming the pattern and the weights that
 were pruned (``nmcompile.pattern``, ``nmcompile.sparse_weights``): ``check_onnx`` reads them back,
 so ``nmcompile check`` tells dense-by-design layers (stem, classifier) from broken ones.
+
+Reduced precision: parameters and persistent buffers are cast to ``dtype``; non-persistent
+floating buffers (tables the model computes once, such as RoPE's ``inv_freq``) stay fp32 where
+the model runs that way (it casts them itself), and are cast too where it does not.
+``dynamic_shapes`` (torch.export's spec for the inputs, or ``"auto"``: batch and sequence dims)
+makes those dims dynamic axes of the file. The exporters' own log lines (onnxscript, torch.export)
+are kept out of the console and shown only when the export fails.
 """
 
 from __future__ import annotations
@@ -41,11 +51,22 @@ from nmcompile._io import _umask, ensure_dir, fsync_dir
 from nmcompile._pattern import NMPattern
 from nmcompile.passes import PrunableSite, finalize, get_sites, trace
 
-__all__ = ["META_PATTERN", "META_SPARSE_WEIGHTS", "ExportResult", "export_onnx"]
+__all__ = [
+    "META_PATTERN",
+    "META_SPARSE_WEIGHTS",
+    "ExportResult",
+    "ExporterFailure",
+    "export_onnx",
+]
 
 _TWO_GB = 2**31 - 2**20
 META_PATTERN = "nmcompile.pattern"
 META_SPARSE_WEIGHTS = "nmcompile.sparse_weights"  # a JSON list of initializer names
+
+
+class ExporterFailure(ExportError):
+    """``torch.onnx.export`` itself failed (before any check of the file): a caller may retry
+    another way (fixed shapes, another form of the model)."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +80,11 @@ class ExportResult:
         return str(self.path)
 
 
-def _prepare(module: nn.Module) -> nn.Module:
+def _prepare(module: nn.Module, fold: bool = True) -> nn.Module:
     """A CPU, eval-mode copy with masks and BatchNorm folded (when the module traces)."""
     module = copy.deepcopy(module).cpu().eval()
+    if not fold:
+        return module
     if not isinstance(module, fx.GraphModule):
         try:
             module = trace(module, copy_model=False).graph_module
@@ -69,6 +92,93 @@ def _prepare(module: nn.Module) -> nn.Module:
             return module
     finalize(module, fold_bn=True)
     return module
+
+
+def _cast(module: nn.Module, dtype: torch.dtype, inputs: Sequence[Any]) -> nn.Module:
+    """``module`` in ``dtype`` (module docstring): non-persistent float buffers stay fp32 when
+    the model runs so, else they are cast too."""
+    if dtype == torch.float32:
+        return module
+    if isinstance(module, fx.GraphModule) and module.meta.get("nm_tracer") == "export":
+        _retype_graph(module, dtype)
+    keep: list[tuple[nn.Module, str]] = []
+    for mod in module.modules():
+        for name in getattr(mod, "_non_persistent_buffers_set", ()):
+            b = mod._buffers.get(name)
+            if b is not None and b.is_floating_point():
+                keep.append((mod, name))
+    saved = {(id(m), n): m._buffers[n] for m, n in keep}
+    module = module.to(dtype)
+    if not keep:
+        return module
+    for m, n in keep:
+        m._buffers[n] = saved[(id(m), n)]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    except Exception:  # the model mixes them into dtype math without casting: cast them too
+        module = module.to(dtype)
+    return module
+
+
+def _retype_graph(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    """A torch.export graph traced in fp32 names float32 in its casts and factories (``to``,
+    ``full``, ``arange``); run it in ``dtype``, every float32 becomes ``dtype``. The model code
+    (``CompileResult.eager``) is the better source for reduced precision: this keeps no upcast
+    the model meant (a norm's variance), and is the fallback when that code does not export."""
+
+    def swap(a: Any) -> Any:
+        if a is torch.float32:
+            return dtype
+        if isinstance(a, (list, tuple)):
+            return type(a)(swap(x) for x in a)
+        return a
+
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            node.args = swap(node.args)
+            node.kwargs = {k: swap(v) for k, v in node.kwargs.items()}
+    gm.recompile()
+
+
+_EXPORT_LOGGERS = (
+    "onnxscript",
+    "onnx_ir",
+    "torch.onnx",
+    "torch.export",
+    "torch._export",
+    "torch.fx.experimental.symbolic_shapes",
+    "torch._dynamo",
+    "torch.utils._sympy",
+)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[io.StringIO]:
+    """Capture the exporters' stdout and log records (shown only with a failure)."""
+    import logging
+
+    sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    saved = []
+    for name in _EXPORT_LOGGERS:
+        log = logging.getLogger(name)
+        saved.append((log, log.level, log.propagate, list(log.handlers)))
+        log.handlers = [handler]
+        log.propagate = False
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
+            warnings.simplefilter("ignore")
+            yield sink
+    finally:
+        for log, level, propagate, handlers in saved:
+            log.setLevel(level)
+            log.propagate = propagate
+            log.handlers = handlers
 
 
 def _cast_inputs(inputs: Sequence[Any], dtype: torch.dtype) -> tuple[Any, ...]:
@@ -113,6 +223,14 @@ def _staged(dest: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _has_param(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def _rename_weights(
     model: Any, module: nn.Module, sites: Sequence[PrunableSite], base_dir: str
 ) -> None:
@@ -122,23 +240,41 @@ def _rename_weights(
     from onnx import numpy_helper
 
     names = {init.name for init in model.graph.initializer}
-    missing = [s for s in sites if s.param not in names]
+    # every 2-D parameter, pruned or not: a dense LM head is named too, not left as ``val_55``
+    params: dict[str, torch.Tensor] = {
+        s.param: module.get_parameter(s.param) for s in sites if _has_param(module, s.param)
+    }
+    seen = {id(p) for p in params.values()}
+    for name, p in module.named_parameters():
+        if p.dim() == 2 and id(p) not in seen:
+            params[name] = p
+            seen.add(id(p))
+    missing = [n for n in params if n not in names]
     if not missing:
         return
     by_shape: dict[tuple[int, ...], list[Any]] = {}
     for init in model.graph.initializer:
         by_shape.setdefault(tuple(init.dims), []).append(init)
     renames: dict[str, str] = {}
-    for site in missing:
-        w = module.get_parameter(site.param).detach().cpu()
+    taken = set(params) & names
+    for param in missing:
+        w = params[param].detach().cpu()
         if w.dim() != 2:
             continue
-        wt = w.t().contiguous().numpy()
-        for init in by_shape.get(tuple(wt.shape), []):
-            if init.name in renames or init.name in {s.param for s in sites}:
-                continue
-            if np.array_equal(numpy_helper.to_array(init, base_dir=base_dir), wt):
-                renames[init.name] = site.param
+        # a linear weight reaches MatMul transposed; a [in, out] weight (Conv1D) as it is
+        for cand in (w.t().contiguous().numpy(), w.contiguous().numpy()):
+            hit = next(
+                (
+                    init
+                    for init in by_shape.get(tuple(cand.shape), [])
+                    if init.name not in renames
+                    and init.name not in taken
+                    and np.array_equal(numpy_helper.to_array(init, base_dir=base_dir), cand)
+                ),
+                None,
+            )
+            if hit is not None:
+                renames[hit.name] = param
                 break
     if not renames:
         return
@@ -165,11 +301,19 @@ def export_onnx(
     opset: int | None = None,
     verify: bool = True,
     rtol: float | None = None,
+    atol: float | None = None,
+    dynamic_shapes: Any = None,
+    reference: nn.Module | None = None,
+    fold: bool = True,
 ) -> ExportResult:
     """Export ``module`` to ``path`` (see the module docstring); returns what was checked.
 
     ``pattern``/``sites``: the N:M pattern every site weight must satisfy in the file (``sites``
-    defaults to those recorded on a GraphModule by ``find_sites``).
+    defaults to those recorded on a GraphModule by ``find_sites``). ``dynamic_shapes``: None
+    (fixed shapes), ``"auto"`` or torch.export's spec. ``reference``: the module whose fp32
+    output ONNX Runtime must reproduce (default: ``module`` itself), e.g. the compiled graph when
+    ``module`` is the eager model carrying its weights. ``fold=False`` exports ``module`` as it
+    is (no tracing, no BatchNorm folding).
     """
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ExportError(f"export dtype must be torch.float32, float16 or bfloat16, got {dtype}")
@@ -178,21 +322,24 @@ def export_onnx(
     if sites is None and isinstance(module, fx.GraphModule):
         sites = get_sites(module)
     pattern = NMPattern.parse(pattern) if pattern is not None else None
-    prepared = _prepare(module)
+    prepared = _prepare(module, fold)
     ref_inputs = _cast_inputs(example_inputs, torch.float32)
     with torch.no_grad():
-        reference = _flatten(prepared(*ref_inputs)) if verify else []
-    prepared = prepared.to(dtype)
+        ref_module = prepared if reference is None else copy.deepcopy(reference).cpu().eval()
+        reference_out = _flatten(ref_module(*ref_inputs)) if verify else []
     inputs = _cast_inputs(example_inputs, dtype)
+    prepared = _cast(prepared, dtype, inputs)
     nbytes = sum(p.numel() * p.element_size() for p in prepared.state_dict().values())
+    if isinstance(dynamic_shapes, str):
+        from nmcompile.passes.trace import auto_dynamic_shapes
+
+        dynamic_shapes = auto_dynamic_shapes(inputs)
 
     import onnx
 
     with _staged(Path(path)) as tmp:
-        try:
-            sink = io.StringIO()
-            with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-                warnings.simplefilter("ignore")
+        with _quiet_export() as log:
+            try:
                 torch.onnx.export(
                     prepared,
                     inputs,
@@ -201,16 +348,18 @@ def export_onnx(
                     verbose=False,
                     opset_version=opset,
                     external_data=nbytes > _TWO_GB,
+                    dynamic_shapes=dynamic_shapes,
                 )
-        except Exception as exc:
-            raise ExportError(
-                f"torch.onnx.export failed for {type(module).__name__}: {type(exc).__name__}: "
-                f"{str(exc)[:2000]}"
-            ) from exc
+            except Exception as exc:
+                logged = log.getvalue().strip()
+                raise ExporterFailure(
+                    f"torch.onnx.export failed for {type(module).__name__}: "
+                    f"{type(exc).__name__}: {_summary(exc)}"
+                    + (f"\nexporter log (last lines):\n{logged[-1500:]}" if logged else "")
+                ) from exc
         # Only the graph is loaded: external weights stay in their file, read one by one.
         model = onnx.load(str(tmp), load_external_data=False)
-        if sites:
-            _rename_weights(model, prepared, sites, str(tmp.parent))
+        _rename_weights(model, prepared, sites or (), str(tmp.parent))
         if pattern is not None and sites:
             _set_metadata(
                 model,
@@ -227,7 +376,7 @@ def export_onnx(
 
         max_err = None
         if verify:
-            max_err = _verify_ort(tmp, inputs, reference, dtype, rtol)
+            max_err = _verify_ort(tmp, inputs, reference_out, dtype, rtol, atol)
         report = None
         if pattern is not None:
             from .onnx_check import check_onnx
@@ -252,6 +401,20 @@ def export_onnx(
     return ExportResult(Path(path), dtype, max_err, report)
 
 
+def _summary(exc: BaseException) -> str:
+    """The informative part of an exporter error: torch's message carries a generic how-to and
+    a dump of the whole graph; keep its first line and the underlying exception's."""
+    text = str(exc)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    head = lines[0] if lines else type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        head += f" (cause: {type(cause).__name__}: {str(cause).splitlines()[0][:500]})"
+    return head[:1500]
+
+
 def _set_metadata(model: Any, values: dict[str, str]) -> None:
     keep = [p for p in model.metadata_props if p.key not in values]
     del model.metadata_props[:]
@@ -261,36 +424,64 @@ def _set_metadata(model: Any, values: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
+_TOLERANCES = {torch.float32: (1e-3, 1e-6), torch.float16: (2e-2, 1e-4)}
+
+
 def _verify_ort(
     path: Path,
     inputs: Sequence[Any],
     reference: list[torch.Tensor],
     dtype: torch.dtype,
     rtol: float | None,
+    atol: float | None,
 ) -> float | None:
+    """Run the file in ONNX Runtime; return the worst ``max|diff| / max|ref|`` over the outputs
+    (the module docstring gives the pass rule)."""
     if dtype == torch.bfloat16:
         return None  # ONNX Runtime's CPU provider has no bf16 kernels for most ops
     from .ort import ort_session
 
     sess = ort_session(path)
     feeds = {
-        i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs) if isinstance(x, torch.Tensor)
+        i.name: x.numpy()
+        for i, x in zip(sess.get_inputs(), [x for x in inputs if isinstance(x, torch.Tensor)])
     }
     outs = sess.run(None, feeds)
-    tol = rtol if rtol is not None else (1e-3 if dtype == torch.float32 else 1e-2)
-    worst = 0.0
-    for got, ref in zip(outs, reference):
-        got_t = torch.from_numpy(got).float()
-        ref_t = ref.float()
-        if got_t.shape != ref_t.shape:
-            raise ExportError(
-                f"ONNX Runtime output shape {tuple(got_t.shape)} != torch {tuple(ref_t.shape)}"
-            )
-        err = float((got_t - ref_t).norm() / ref_t.norm().clamp_min(1e-12))
-        worst = max(worst, err)
-    if not worst <= tol:
+    d_rtol, d_atol = _TOLERANCES[dtype]
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
+    what = str(dtype).removeprefix("torch.")
+    if len(outs) != len(reference):
         raise ExportError(
-            f"ONNX Runtime output differs from torch: relative error {worst:.3g} > {tol:g} "
-            f"({str(dtype).removeprefix('torch.')} export)"
+            f"ONNX Runtime returned {len(outs)} outputs, the torch reference {len(reference)}"
         )
+    worst = 0.0
+    for i, (got, ref) in enumerate(zip(outs, reference)):
+        got_t = torch.from_numpy(got)
+        if got_t.shape != ref.shape:
+            raise ExportError(
+                f"ONNX Runtime output {i} has shape {tuple(got_t.shape)}, torch "
+                f"{tuple(ref.shape)} ({what} export)"
+            )
+        if not ref.is_floating_point():
+            if not torch.equal(got_t.to(ref.dtype), ref):
+                raise ExportError(f"ONNX Runtime output {i} ({ref.dtype}) differs from torch")
+            continue
+        ref_t, got_t = ref.double(), got_t.double()
+        finite = torch.isfinite(ref_t)
+        if not torch.equal(finite, torch.isfinite(got_t)):
+            raise ExportError(
+                f"ONNX Runtime output {i} has non-finite values where the torch reference has "
+                f"finite ones, or the other way round ({what} export)"
+            )
+        scale = float(ref_t[finite].abs().max()) if finite.any() else 0.0
+        err = float((got_t - ref_t)[finite].abs().max()) if finite.any() else 0.0
+        worst = max(worst, err / scale if scale > 0 else err)
+        if not err <= atol + rtol * scale:
+            raise ExportError(
+                f"ONNX Runtime output {i} (shape {list(ref.shape)}) differs from the fp32 torch "
+                f"output of the compiled module: max |difference| {err:.3g} > atol {atol:g} + "
+                f"rtol {rtol:g} x max |reference| {scale:.3g} ({what} export). Pass "
+                "export_onnx(..., rtol=, atol=) to accept a larger difference"
+            )
     return worst
