@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +26,8 @@ from torch import nn
 
 from . import _dist
 from ._config import MethodConfig
-from ._errors import ConfigError, InputError
-from ._flops import FlopModel, _batch_size
+from ._errors import ConfigError, ExportError, InputError, NMCompileWarning
+from ._flops import FlopModel, _batch_size, count_total
 from ._pattern import NMPattern
 from ._registry import get_method
 from ._session import Session
@@ -47,6 +48,8 @@ from .passes import (
     shrink_channels,
     trace,
 )
+from .passes.trace import TRACERS
+from .runtime.onnx_export import ExporterFailure
 
 __all__ = ["CompileOptions", "CompileResult", "compile"]
 
@@ -61,11 +64,25 @@ class CompileOptions:
     prune_classifier: bool = False
     leaf_modules: tuple[str | type, ...] = ()
     debug: bool = False
+    tracer: str = "auto"  # "auto" (torch.fx, then torch.export), "fx" or "export"
+    # torch.export only: "auto" (batch / sequence dims dynamic), None (fixed shapes), or
+    # torch.export's own dynamic_shapes spec for the inputs
+    dynamic_shapes: Any = "auto"
 
     def __post_init__(self) -> None:
         for name in ("prune_stem", "prune_classifier", "debug"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"compile option {name} must be True or False")
+        if self.tracer not in TRACERS:
+            raise ConfigError(
+                f"compile option tracer must be one of {list(TRACERS)}, got {self.tracer!r}"
+            )
+        d = self.dynamic_shapes
+        if not (d is None or d is False or d == "auto" or isinstance(d, (tuple, list, dict))):
+            raise ConfigError(
+                "compile option dynamic_shapes must be 'auto', None (fixed shapes) or "
+                f"torch.export's dynamic_shapes for the inputs (a tuple or dict), got {d!r}"
+            )
 
 
 _GENERAL = tuple(f for f in CompileOptions.__dataclass_fields__)
@@ -112,6 +129,36 @@ class CompileResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     shrink: Any = None  # passes.ShrinkReport when the method removed channels
     deployed_flops: FlopModel | None = None  # FLOPs of ``module`` after channel removal
+    # the caller's model (not a copy): a torch.export-traced result is exported to ONNX from a
+    # copy of it that carries this result's weights, so dtype casts follow the model's own code
+    source: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def tracer(self) -> str:
+        """``"fx"`` or ``"export"``: how the model was traced."""
+        return self.module.meta.get("nm_tracer", "fx")
+
+    def eager(self) -> nn.Module:
+        """A copy of the caller's model carrying this result's (pruned) weights, in eval mode on
+        the CPU: the model's own code, for what a traced graph cannot do (fp16 export of a
+        torch.export-traced model, generation with a KV cache)."""
+        if self.source is None:
+            raise ConfigError("this result keeps no reference to the model it was compiled from")
+        from .passes.attention import make_traceable
+        from .passes.trace import _switch_off_caches
+
+        eager = make_traceable(copy.deepcopy(self.source).cpu().eval())
+        _switch_off_caches(eager)
+        state = self.module.state_dict()
+        known = eager.state_dict()
+        lost = [s.param for s in self.sites if s.param not in known]
+        if lost:
+            raise ConfigError(
+                f"the compiled weights {lost[:3]} have no place in {type(self.source).__name__} "
+                "(was the model changed after compile?)"
+            )
+        eager.load_state_dict({k: v for k, v in state.items() if k in known}, strict=False)
+        return eager
 
     @property
     def sparsity(self) -> float:
@@ -179,28 +226,98 @@ class CompileResult:
 
         return render_markdown(self, level=level)
 
+    def _eager_attention(self) -> nn.Module:
+        eager = self.eager()
+        if not hasattr(eager, "set_attn_implementation"):
+            raise ExporterFailure("not a transformers model: no attention implementation to set")
+        eager.set_attn_implementation("eager")
+        return eager
+
     def export_onnx(
         self,
         path: str | os.PathLike,
         dtype: torch.dtype = torch.float32,
         *,
-        example_inputs: Sequence[Any] | None = None,
+        example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
         opset: int | None = None,
         verify: bool = True,
+        rtol: float | None = None,
+        atol: float | None = None,
+        dynamic_shapes: Any = "traced",
     ):
         """Export to ONNX (masks and BatchNorm folded), checked by onnx, ONNX Runtime and the N:M
-        checker before the file lands at ``path``. Returns a ``runtime.ExportResult``."""
+        checker before the file lands at ``path``. Returns a ``runtime.ExportResult``.
+
+        ``dynamic_shapes="traced"``: a torch.export-traced result keeps the dims it was traced
+        with dynamic as dynamic axes of the file (an fx-traced one is exported at the example's
+        shapes); ``None`` fixes every dim; ``"auto"`` or torch.export's spec choose. A
+        torch.export-traced result is exported from :meth:`eager` (the model's own code with
+        these weights), so casts to fp16 keep what the model keeps in fp32, and ONNX Runtime
+        must reproduce the compiled graph's fp32 output within ``rtol`` / ``atol``.
+        """
+        from .passes.trace import input_spec
         from .runtime import export_onnx
 
-        return export_onnx(
-            self.module,
-            tuple(example_inputs) if example_inputs is not None else self.example_inputs,
-            path,
-            dtype=dtype,
-            pattern=self.pattern,
-            sites=self.sites,
-            opset=opset,
-            verify=verify,
+        inputs = (
+            _normalise_inputs(example_inputs, self.source)
+            if example_inputs is not None
+            else self.example_inputs
+        )
+        spec = input_spec(self.module)
+        if dynamic_shapes == "traced":
+            dynamic_shapes = spec.dynamic_shapes if spec is not None else None
+        # The ways to try, best first: the model's own code with these weights (a
+        # torch.export-traced result), then the compiled graph; dynamic axes, then fixed shapes.
+        # Only a failure of the exporter itself moves on; a file that fails a check does not.
+        forms: list[tuple[str, Any, Any, bool]] = [("graph", self.module, None, True)]
+        if spec is not None and self.source is not None:
+            forms[:0] = [
+                # transformers' plain softmax attention: the same function, and what an ONNX
+                # file holds anyway (torch.onnx decomposes sdpa, and for some models, T5, gets
+                # the decomposed output's strides wrong)
+                ("model code with eager attention", self._eager_attention, self.module, False),
+                ("model code", self.eager, self.module, False),
+            ]
+        shapes = [dynamic_shapes, None] if dynamic_shapes is not None else [None]
+        failures: list[str] = []
+        for dyn in shapes:  # a file with dynamic axes first, whatever form gives it
+            for form, module, reference, fold in forms:
+                try:
+                    out = export_onnx(
+                        module()
+                        if callable(module) and not isinstance(module, nn.Module)
+                        else module,
+                        inputs,
+                        path,
+                        dtype=dtype,
+                        pattern=self.pattern,
+                        sites=self.sites,
+                        opset=opset,
+                        verify=verify,
+                        rtol=rtol,
+                        atol=atol,
+                        dynamic_shapes=dyn,
+                        reference=reference,
+                        fold=fold,
+                    )
+                except ExporterFailure as exc:
+                    failures.append(
+                        f"{form}, {'dynamic' if dyn is not None else 'fixed'} shapes: {exc}"
+                    )
+                    continue
+                if failures:
+                    warnings.warn(
+                        f"ONNX export of {self.model_name} succeeded from the "
+                        f"{'compiled graph' if form == 'graph' else form} with "
+                        f"{'dynamic' if dyn is not None else 'fixed (example) shapes'} after "
+                        f"{len(failures)} failed attempt(s): "
+                        + " | ".join(f[:300] for f in failures),
+                        NMCompileWarning,
+                        stacklevel=2,
+                    )
+                return out
+        raise ExportError(
+            f"ONNX export of {self.model_name} failed every way tried: " + " | ".join(failures)
         )
 
     def build_engine(
@@ -221,7 +338,8 @@ class CompileResult:
 
         _import_trt()  # fail before exporting when TensorRT is missing
         onnx_path = Path(path).with_suffix(".onnx")
-        self.export_onnx(onnx_path, dtype=dtype)
+        # fixed shapes: an engine is built for the example's shapes (no optimization profile)
+        self.export_onnx(onnx_path, dtype=dtype, dynamic_shapes=None)
         return build_engine(
             onnx_path,
             path,
@@ -232,7 +350,11 @@ class CompileResult:
         )
 
 
-def _normalise_inputs(example_inputs: Any) -> tuple[Any, ...]:
+def _normalise_inputs(example_inputs: Any, model: Any = None) -> tuple[Any, ...]:
+    """Positional example inputs. A mapping (keyword inputs, e.g. a tokenizer's output) is bound
+    to the forward's parameters: ``{"input_ids": x, "decoder_input_ids": y}`` for
+    ``forward(input_ids, attention_mask=None, decoder_input_ids=None)`` becomes
+    ``(x, None, y)``; the compiled module takes the same keywords back."""
     if example_inputs is None:
         raise InputError(
             "compile needs example_inputs to trace and count FLOPs: pass "
@@ -240,12 +362,48 @@ def _normalise_inputs(example_inputs: Any) -> tuple[Any, ...]:
         )
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        return _bind_keywords(dict(example_inputs), model)
     if not isinstance(example_inputs, (tuple, list)):
         raise InputError(
-            f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}; "
-            "write example_inputs=(x,) for one input"
+            f"example_inputs must be a tuple of inputs or a dict of keyword inputs, got "
+            f"{type(example_inputs).__name__}; write example_inputs=(x,) for one input"
         )
     return tuple(example_inputs)
+
+
+def _bind_keywords(kwargs: dict[str, Any], model: Any) -> tuple[Any, ...]:
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        raise InputError(
+            "example_inputs is a dict, but the model's forward signature cannot be read to "
+            "place the keywords; pass a tuple of positional inputs"
+        ) from None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise InputError(
+            f"example_inputs names {unknown}, which {type(model).__name__}.forward does not take "
+            f"as parameters (it takes {names}); keywords that only reach **kwargs cannot be "
+            "traced as inputs"
+        )
+    last = max(names.index(k) for k in kwargs) if kwargs else -1
+    out = []
+    for p in positional[: last + 1]:
+        if p.name in kwargs:
+            out.append(kwargs[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            out.append(p.default)
+        else:
+            raise InputError(
+                f"example_inputs has no value for `{p.name}`, a required input of "
+                f"{type(model).__name__}.forward"
+            )
+    return tuple(out)
 
 
 def compile(
@@ -278,11 +436,13 @@ def compile(
             general[key] = _tuple(general[key], key)
     if general.get("exclude") is None:
         general.pop("exclude", None)
+    if general.get("dynamic_shapes") is False:
+        general["dynamic_shapes"] = None
     opts = CompileOptions(**general)
     nm = NMPattern.parse(pattern)
-    inputs = _normalise_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compile expects a torch.nn.Module, got {type(model).__name__}")
+    inputs = _normalise_inputs(example_inputs, model)
     if trainer is not None and not (hasattr(trainer, "train") and hasattr(trainer, "evaluate")):
         raise ConfigError(
             f"trainer must implement train(model, iterations, on_step) and evaluate(model); got "
@@ -293,7 +453,15 @@ def compile(
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        gm = trace(model, leaf_modules=opts.leaf_modules, example_inputs=inputs).graph_module
+        gm = trace(
+            model,
+            leaf_modules=opts.leaf_modules,
+            example_inputs=inputs,
+            tracer=opts.tracer,
+            dynamic_shapes=opts.dynamic_shapes,
+        ).graph_module
+        # one forward: shapes, dense FLOPs, and what opaque calls do with weights (find_sites)
+        total_flops = count_total(gm, inputs)
 
         def find_sites_(g: fx.GraphModule):
             return find_sites(
@@ -313,7 +481,7 @@ def compile(
                 f"no prunable layer in {type(model).__name__}: every conv/linear was excluded "
                 f"({reasons}). Use prune_stem=True / prune_classifier=True, or include=[...]"
             )
-        flops = FlopModel.build(gm, inputs)
+        flops = FlopModel.from_shapes(gm, total_flops, _batch_size(inputs))
         factory = spec.masker(config, site_pattern) if spec.masker is not None else None
 
         def insert_masks_(g: fx.GraphModule):
@@ -368,4 +536,5 @@ def compile(
         diagnostics=session.diagnostics,
         shrink=shrink,
         deployed_flops=deployed,
+        source=model,
     )

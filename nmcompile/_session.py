@@ -232,7 +232,16 @@ class Session:
             )
             for batch in it:
                 if isinstance(batch, (list, tuple)) and len(batch) == 2:
-                    return (batch[0].to(device),), batch[1].to(device)
+                    x = batch[0]
+                    if isinstance(x, Mapping):  # keyword inputs (a tokenizer's output)
+                        from .passes.trace import input_spec
+
+                        kw = {k: v.to(device) for k, v in x.items()}
+                        spec = input_spec(self.gm)
+                        return (spec.bind((), kw) if spec else tuple(kw.values())), batch[1].to(
+                            device
+                        )
+                    return (x.to(device),), batch[1].to(device)
                 break
         return tuple(
             x.to(device) if isinstance(x, torch.Tensor) else x for x in self.example_inputs

@@ -15,7 +15,7 @@ so a resumed run sees the same batches.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -60,7 +60,29 @@ def _to(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
     return batch
+
+
+def _forward(model: nn.Module, x: Any) -> torch.Tensor:
+    """The logits of ``model`` on input ``x``: a dict input is passed as keywords (a tokenizer's
+    output); an output with ``logits`` (a transformers ``ModelOutput``), a dict or a tuple gives
+    its logits / first tensor."""
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise InputError(
+        f"the model returned {type(out).__name__}; SupervisedTrainer needs logits: a tensor, an "
+        "output with .logits, or a tuple whose first element is the logits"
+    )
 
 
 def _split(batch: Any, where: str) -> tuple[Any, torch.Tensor]:
@@ -159,7 +181,13 @@ def _shard(loader: Any, world: int, rank: int, what: str) -> Any:
 
 
 class SupervisedTrainer:
-    """SGD with momentum, step LR milestones, top-1 evaluation, a progress bar.
+    """SGD with momentum (or AdamW), step LR milestones, linear warm-up, top-1 evaluation, a
+    progress bar.
+
+    ``optimizer``: ``"sgd"`` (momentum, weight decay) or ``"adamw"`` (decoupled weight decay, the
+    usual choice for transformers; ``momentum`` is then unused). ``warmup``: iterations (int) or
+    a fraction of each ``train`` call (float in [0, 1)) over which the LR rises linearly from
+    ``lr / warmup_iterations`` to ``lr``; it starts over with every call, as the optimizer does.
 
     ``milestones``: iteration counts (ints) or fractions of a ``train`` call's iterations (floats
     in (0, 1)); the LR is multiplied by ``gamma`` at each. ``progress=None`` shows a bar only on a
@@ -184,6 +212,8 @@ class SupervisedTrainer:
         weight_decay: float = 5e-4,
         milestones: Sequence[int | float] = (),
         gamma: float = 0.1,
+        optimizer: str = "sgd",
+        warmup: int | float = 0,
         device: str | torch.device = "cpu",
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         progress: bool | None = None,
@@ -207,6 +237,18 @@ class SupervisedTrainer:
                     "SupervisedTrainer.milestones must hold iteration counts (ints > 0) or "
                     f"fractions of a round (floats in (0, 1)), got {m!r}"
                 )
+        if optimizer not in ("sgd", "adamw"):
+            raise ConfigError(
+                f"SupervisedTrainer.optimizer must be 'sgd' or 'adamw', got {optimizer!r}"
+            )
+        ok = (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0) or (
+            isinstance(warmup, float) and 0.0 <= warmup < 1.0
+        )
+        if not ok:
+            raise ConfigError(
+                "SupervisedTrainer.warmup must be an iteration count (int >= 0) or a fraction of "
+                f"a round (float in [0, 1)), got {warmup!r}"
+            )
         if train_loader is None:
             raise ConfigError("SupervisedTrainer needs a train_loader")
         self.train_loader = train_loader
@@ -216,6 +258,8 @@ class SupervisedTrainer:
         self.weight_decay = float(weight_decay)
         self.milestones = tuple(milestones)
         self.gamma = float(gamma)
+        self.optimizer = optimizer
+        self.warmup = warmup
         self.device = torch.device(device)
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.progress = progress
@@ -245,7 +289,9 @@ class SupervisedTrainer:
             for m in self.milestones
             if step >= (round(m * iterations) if isinstance(m, float) else m)
         )
-        return self.lr * self.gamma**passed
+        lr = self.lr * self.gamma**passed
+        warm = round(self.warmup * iterations) if isinstance(self.warmup, float) else self.warmup
+        return lr * (step + 1) / warm if step < warm else lr
 
     def _next_batch(self) -> Any:
         """The next training batch. The position persists across ``train`` calls, so rounds
@@ -322,9 +368,14 @@ class SupervisedTrainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused,
             )
-        opt = torch.optim.SGD(
-            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        if self.optimizer == "adamw":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(
+                params, lr=self.lr, weight_decay=self.weight_decay
+            )
+        else:
+            opt = torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -343,7 +394,7 @@ class SupervisedTrainer:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 x, y = _split(_to(self._next_batch(), self.device), "train_loader")
-                loss = self.loss_fn(net(x), y)
+                loss = self.loss_fn(_forward(net, x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -368,7 +419,7 @@ class SupervisedTrainer:
         try:
             for batch in self.val_loader:
                 x, y = _split(_to(batch, self.device), "val_loader")
-                correct += (model(x).argmax(-1) == y).sum()
+                correct += (_forward(model, x).argmax(-1) == y).sum()
                 total += int(y.shape[0])
         finally:
             model.train(was_training)
