@@ -110,7 +110,12 @@ def test_example_inputs_errors():
     with pytest.raises(InputError, match=r"layer `0` \(Linear, in_features=8\)"):
         nmcompile.compile(_mlp(), "asp", example_inputs=(torch.randn(4, 9),))
     with pytest.raises(InputError, match="tuple of inputs"):
+        nmcompile.compile(_mlp(), "asp", example_inputs=[X].__iter__())
+    # keyword inputs are bound to the forward's parameters; a name it does not take is refused
+    with pytest.raises(InputError, match=r"names \['x'\].*it takes \['input'\]"):
         nmcompile.compile(_mlp(), "asp", example_inputs={"x": X})
+    r = nmcompile.compile(_mlp(), "asp", example_inputs={"input": X})
+    assert torch.equal(r.module(input=X), r.module(X))
 
 
 def test_no_prunable_layer_is_explained():
@@ -389,3 +394,28 @@ def test_trainer_milestones_and_early_stop():
     steps = []
     t.train(_mlp(), 10, lambda info: steps.append(info.iteration) or info.iteration == 4)
     assert steps == [1, 2, 3, 4]
+
+
+def test_trainer_adamw_and_warmup():
+    with pytest.raises(ConfigError, match="optimizer must be 'sgd' or 'adamw'"):
+        SupervisedTrainer([], optimizer="adam")
+    with pytest.raises(ConfigError, match="warmup"):
+        SupervisedTrainer([], warmup=1.5)
+    torch.manual_seed(0)
+    xb = torch.randn(32, 8)
+    yb = torch.randint(0, 3, (32,))
+    t = SupervisedTrainer(
+        [(xb, yb)], lr=0.01, optimizer="adamw", warmup=0.4, milestones=(0.8,), progress=False
+    )
+    lrs, losses = [], []
+    t.train(_mlp(), 10, lambda info: lrs.append(info.lr) or losses.append(info.loss.item()))
+    # warm-up over the first 4 of 10 steps, then the milestone at step 8
+    assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01, 0.01, 0.01, 1e-3, 1e-3])
+    assert losses[-1] < losses[0]
+    # AdamW, not SGD: the first step of Adam moves every weight by about lr, whatever its grad
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    SupervisedTrainer([(xb, yb)], lr=0.01, optimizer="adamw", weight_decay=0.0).train(model, 1)
+    step = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(model.parameters(), before)])
+    moved = step[step > 0]
+    assert moved.numel() > 0 and torch.allclose(moved, torch.full_like(moved, 0.01), rtol=1e-2)
