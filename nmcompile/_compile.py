@@ -138,6 +138,14 @@ class CompileResult:
         """``"fx"`` or ``"export"``: how the model was traced."""
         return self.module.meta.get("nm_tracer", "fx")
 
+    @property
+    def input_spec(self) -> Any:
+        """The inputs a torch.export-traced result takes (names, shapes, dynamic dims; see
+        ``passes.trace.InputSpec``), or None for an fx graph, which runs at any shape."""
+        from .passes.trace import input_spec
+
+        return input_spec(self.module)
+
     def eager(self) -> nn.Module:
         """A copy of the caller's model carrying this result's (pruned) weights, in eval mode on
         the CPU: the model's own code, for what a traced graph cannot do (fp16 export of a

@@ -21,3 +21,27 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert result.history[-1]["accuracy"] > 0.9
     assert os.path.isfile(tmp_path / "model.onnx")
     assert all(m.dtype == torch.bool for m in result.masks.values())
+
+
+def test_readme_hugging_face_example_runs(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("transformers")
+    import warnings
+
+    import nmcompile
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    hf = [b for b in blocks if "transformers.BertConfig" in b]
+    assert len(hf) == 1, "README's Hugging Face example is missing"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nmcompile.NMCompileWarning)
+        exec(compile(hf[0], "README.md", "exec"), scope)
+    result = scope["result"]
+    assert result.tracer == "export"
+    assert [e.name for e in result.excluded] == ["classifier"]
+    assert scope["logits"].shape == (4, 2)  # the other batch size and length ran
+    assert scope["onnx"].nm_report.declared_ok
+    assert os.path.isfile(tmp_path / "bert_fp16.onnx")
