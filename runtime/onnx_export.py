@@ -231,13 +231,26 @@ def _has_param(module: nn.Module, name: str) -> bool:
     return True
 
 
+def _as_numpy(init: Any, base_dir: str, dtype: Any) -> Any:
+    """An initializer's values as numpy in ``dtype``; bf16 (which onnx returns as raw uint16 or
+    as ml_dtypes' bfloat16, by version) as fp32."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    arr = numpy_helper.to_array(init, base_dir=base_dir)
+    if init.data_type == TensorProto.BFLOAT16:
+        if arr.dtype == np.uint16:
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(np.float32)
+    return arr if arr.dtype == dtype else arr.astype(dtype)
+
+
 def _rename_weights(
     model: Any, module: nn.Module, sites: Sequence[PrunableSite], base_dir: str
 ) -> None:
     """Give constant-folded (transposed) site weights back their parameter names (external data,
     when the model has it, is read from ``base_dir`` and never loaded whole)."""
     import numpy as np
-    from onnx import numpy_helper
 
     names = {init.name for init in model.graph.initializer}
     # every 2-D parameter, pruned or not: a dense LM head is named too, not left as ``val_55``
@@ -261,6 +274,8 @@ def _rename_weights(
         w = params[param].detach().cpu()
         if w.dim() != 2:
             continue
+        if w.dtype == torch.bfloat16:  # numpy has no bf16: compare in fp32 (exact for bf16)
+            w = w.float()
         # a linear weight reaches MatMul transposed; a [in, out] weight (Conv1D) as it is
         for cand in (w.t().contiguous().numpy(), w.contiguous().numpy()):
             hit = next(
@@ -269,7 +284,7 @@ def _rename_weights(
                     for init in by_shape.get(tuple(cand.shape), [])
                     if init.name not in renames
                     and init.name not in taken
-                    and np.array_equal(numpy_helper.to_array(init, base_dir=base_dir), cand)
+                    and np.array_equal(_as_numpy(init, base_dir, cand.dtype), cand)
                 ),
                 None,
             )

@@ -227,19 +227,21 @@ def test_fixed_shapes_warn_and_a_call_at_another_shape_says_why() -> None:
 EXPORTS = [(n, torch.float32) for n in MODELS] + [
     (n, torch.float16) for n in ("bert", "gpt2", "llama", "t5", "tv_swin", "timm_swin")
 ]
+EXPORTS.append(("llama", torch.bfloat16))  # ONNX holds bf16; ONNX Runtime's CPU cannot run it
+IDS = [f"{n}-{str(d).removeprefix('torch.')}" for n, d in EXPORTS]
 
 
-@pytest.mark.parametrize(("name", "dtype"), EXPORTS, ids=[f"{n}-{str(d)[-7:]}" for n, d in EXPORTS])
+@pytest.mark.parametrize(("name", "dtype"), EXPORTS, ids=IDS)
 def test_onnx_export_holds_nm_weights(name: str, dtype: torch.dtype, tmp_path) -> None:
     model, inputs, r = _compiled(name)
     export = r.export_onnx(tmp_path / f"{name}.onnx", dtype=dtype)
     rep = export.nm_report
     assert rep.declared_ok, rep.summary()
-    assert export.max_rel_error is not None
+    assert (export.max_rel_error is None) == (dtype == torch.bfloat16)
     # every weight is named after its parameter, pruned or dense (no ``val_55``)
     params = {n for n, _ in model.named_parameters()}
     assert {e.initializer for e in rep.checked} <= params
-    if name in TEXT:
+    if name in TEXT and dtype != torch.bfloat16:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(export.path), providers=["CPUExecutionProvider"])
