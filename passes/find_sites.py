@@ -189,19 +189,23 @@ _PRODUCTS = frozenset({"matmul", "bmm", "mm", "rmatmul"})
 class _Roles:
     """Data-flow states of every node (``raw``: a function of the inputs and constants alone;
     ``weight``: of parameters and constants; ``act``: anything that mixes them) and which nodes
-    reach the output through parameter-free ops."""
+    are the model's output: they reach the graph output through parameter-free ops and feed
+    nothing else (a block whose result is also returned, as ``output_hidden_states`` returns
+    every block's, feeds the next block too, so it is no classifier)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.state: dict[fx.Node, str] = {}
         for n in gm.graph.nodes:
             self.state[n] = self._state(n)
-        self.to_output: set[fx.Node] = set()
+        reach: set[fx.Node] = set()  # reaches the output through parameter-free ops
+        only: set[fx.Node] = set()  # ... and feeds nothing but such paths (or dead ends)
         for n in reversed(gm.graph.nodes):
-            if any(
-                u.op == "output" or (u in self.to_output and self.weight_free(u)) for u in n.users
-            ):
-                self.to_output.add(n)
+            if any(u.op == "output" or (u in reach and self.weight_free(u)) for u in n.users):
+                reach.add(n)
+            if all(u.op == "output" or (u in only and self.weight_free(u)) for u in n.users):
+                only.add(n)
+        self.to_output = reach & only
 
     def _has_params(self, n: fx.Node) -> bool:
         if n.op == "call_module":

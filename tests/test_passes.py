@@ -192,6 +192,42 @@ def test_find_sites_excludes_stem_classifier_grouped_and_odd_channels():
     assert "conv" not in {s.name for s in get_sites(gm)}
 
 
+def test_blocks_whose_outputs_are_also_returned_are_no_classifier():
+    """A model that returns every block's hidden state (``output_hidden_states``) as well as its
+    head: each block's last projection reaches the output through a residual add, but it also
+    feeds the next block, so only the head is the classifier."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.up, self.down = nn.LayerNorm(32), nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(self.norm(x))))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.head = nn.Linear(16, 32), nn.Linear(32, 8)
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            h = self.inp(x)
+            hs = [h]
+            for b in self.blocks:
+                h = b(h)
+                hs.append(h)
+            return self.head(h), tuple(hs)
+
+    gm = trace(Net()).graph_module
+    find_sites(gm, NMPattern(2, 4))
+    reasons = {e.name: e.reason for e in get_excluded(gm)}
+    assert set(reasons) == {"inp", "head"} and "classifier" in reasons["head"]
+    assert {s.name for s in get_sites(gm)} == {
+        f"blocks.{i}.{p}" for i in range(3) for p in ["up", "down"]
+    }
+
+
 def test_find_sites_options():
     _, _, gm = _traced(prune_stem=True, prune_classifier=True, exclude=["fc"])
     names = {s.name for s in get_sites(gm)}
