@@ -135,7 +135,15 @@ def tensor_args(node: fx.Node) -> list[tuple[int | str, fx.Node]]:
     return out
 
 
-_KW_POSITION = {"input": 0, "weight": 1, "other": 1, "mat1": 1, "mat2": 2, "bias": 2}
+def _kw_position(name: str, keyword: str) -> int:
+    """The position of keyword argument ``keyword`` of product ``name`` (-1: not an operand)."""
+    if name in _LINEAR:
+        return {"input": 0, "weight": 1, "bias": 2}.get(keyword, -1)
+    if name in _ADDMM:
+        return {"input": 0, "mat1": 1, "mat2": 2}.get(keyword, -1)
+    if name in _MM:
+        return {"input": 0, "other": 1, "mat2": 1}.get(keyword, -1)
+    return -1
 
 
 def graph_weight_uses(start: fx.Node, ndim: int) -> list[WeightUse]:
@@ -156,10 +164,11 @@ def graph_weight_uses(start: fx.Node, ndim: int) -> list[WeightUse]:
             if user.op not in ("call_function", "call_method", "call_module"):
                 continue
             name = op_name(user.target, user.op) if user.op != "call_module" else "module"
-            positions = [p for p, a in tensor_args(user) if a is node]
-            pos = positions[0] if positions else None
-            if isinstance(pos, str):
-                pos = _KW_POSITION.get(pos, -1)
+            positions = [
+                _kw_position(name, p) if isinstance(p, str) else p
+                for p, a in tensor_args(user)
+                if a is node
+            ]
             probed = user.meta.get("nm_probe")
             if probed is not None and user.op == "call_function":
                 seen_uses = probed.get(node.name, [])
@@ -171,15 +180,16 @@ def graph_weight_uses(start: fx.Node, ndim: int) -> list[WeightUse]:
                 continue
             if name == "getattr" and len(user.args) == 2:  # fx: W.T is getattr(W, "T")
                 name = str(user.args[1])
-            if pos == 0:
+            if positions == [0]:
                 swap = _swaps(name, tuple(user.args), ndim)
                 if swap is not None:
                     stack.append((user, swapped != swap))
                     continue
-            axis = _product_axis(name, pos if isinstance(pos, int) else -1, ndim)
-            if axis is not None and swapped:
-                axis = 1 - axis
-            uses.append(WeightUse(name, axis, user))
+            for pos in positions:  # one use per operand: W @ W uses W along both axes
+                axis = _product_axis(name, pos, ndim)
+                if axis is not None and swapped:
+                    axis = 1 - axis
+                uses.append(WeightUse(name, axis, user))
     return uses
 
 
@@ -200,16 +210,16 @@ class WeightProbe(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        flat = list(args) + list(kwargs.values())
+        name = op_name(func)
+        operands = [*enumerate(args), *((_kw_position(name, k), a) for k, a in kwargs.items())]
         hits = [
-            (i, self._frames[id(a)])
-            for i, a in enumerate(flat)
+            (i, a, self._frames[id(a)])
+            for i, a in operands
             if isinstance(a, torch.Tensor) and id(a) in self._frames
         ]
         if not hits:
             return out
-        name = op_name(func)
-        for pos, (key, swapped) in hits:
+        for pos, w, (key, swapped) in hits:
             if pos == 0 and isinstance(out, torch.Tensor) and out.dim() == 2:
                 swap = _swaps(name, tuple(args), 2)
                 if swap is not None:
@@ -219,7 +229,6 @@ class WeightProbe(TorchFunctionMode):
             axis = _product_axis(name, pos, 2)
             flops = None
             if axis is not None:
-                w = flat[pos]
                 reduction = w.shape[axis]
                 flops = 2.0 * (out.numel() if isinstance(out, torch.Tensor) else 0) * reduction
                 if swapped:

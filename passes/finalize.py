@@ -43,7 +43,7 @@ def finalize(gm: fx.GraphModule, *, fold_bn: bool = False) -> PassResult:
             if call.site.param not in folded:
                 param.mul_(mask_value(gm, call).to(param.dtype))
                 folded.add(call.site.param)
-            owners.add((call.site.name, call.site.attr))
+            owners.add((call.site.owner, call.site.attr))
             if call.module is None:  # matmul site: every reader gets the parameter again
                 call.source.replace_all_uses_with(call.weight)
                 graph.erase_node(call.source)

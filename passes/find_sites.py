@@ -114,12 +114,22 @@ class PrunableSite:
     @property
     def mask_target(self) -> str:
         """Attribute path of this site's persistent mask buffer."""
-        return f"{self.name}.{self.attr}_mask" if self.name else f"{self.attr}_mask"
+        return f"{self._owner_prefix}{self.attr}_mask"
 
     @property
     def masker_target(self) -> str:
         """Module path of this site's masker (learned / straight-through masks)."""
-        return f"{self.name}.{self.attr}_masker" if self.name else f"{self.attr}_masker"
+        return f"{self._owner_prefix}{self.attr}_masker"
+
+    @property
+    def owner(self) -> str:
+        """Path of the module that holds the parameter (``""``: the root module, whose sites are
+        named after the parameter)."""
+        return self.param.rpartition(".")[0]
+
+    @property
+    def _owner_prefix(self) -> str:
+        return f"{self.owner}." if self.owner else ""
 
     def to_json(self) -> dict:
         return {
@@ -399,7 +409,7 @@ def find_sites(
         axes = {u.axis for u in c.products} | ({1} if c.calls else set())
 
         def skip(reason: str, *, _c=c, _kind=kind) -> None:
-            excluded.append(ExcludedLayer(_c.owner, _kind, _c.shape, reason))
+            excluded.append(ExcludedLayer(_c.owner or _c.param, _kind, _c.shape, reason))
 
         def warn_skip(reason: str, message: str) -> None:
             skip(reason)
@@ -426,6 +436,13 @@ def find_sites(
                     f"exclude=[{c.owner!r}] to silence",
                 )
                 continue
+        if c.calls and c.products:
+            skip(
+                f"used both by its module call and directly as a matrix product "
+                f"({', '.join(sorted({u.op for u in c.products}))}), which a mask on the call would "
+                "not reach; kept dense"
+            )
+            continue
         if len(axes) > 1:
             skip(f"reduced along different axes by its uses ({sorted(axes)}); kept dense")
             continue
@@ -493,7 +510,7 @@ def find_sites(
             )
             continue
         site = PrunableSite(
-            name=c.owner,
+            name=c.owner or c.param,  # a parameter of the root module: its own name
             param=c.param,
             kind=kind,
             shape=c.shape,

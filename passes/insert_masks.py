@@ -62,7 +62,7 @@ def insert_masks(
     """
     sites = {s.param: s for s in get_sites(gm)}
     for site in sites.values():
-        owner = gm.get_submodule(site.name)
+        owner = gm.get_submodule(site.owner)
         weight = getattr(owner, site.attr)
         if mask_module is None:
             if not hasattr(owner, f"{site.attr}_mask"):

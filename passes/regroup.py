@@ -341,7 +341,7 @@ def regroup(gm: fx.GraphModule, settings: RegroupSettings = RegroupSettings()) -
     modified = False
     with torch.no_grad():
         for site in get_sites(gm):
-            owner = gm.get_submodule(site.name)
+            owner = gm.get_submodule(site.owner)
             mask = getattr(owner, f"{site.attr}_mask", None)
             if mask is None:
                 continue

@@ -223,14 +223,6 @@ def _staged(dest: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _has_param(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_parameter(name)
-    except AttributeError:
-        return False
-    return True
-
-
 def _as_numpy(init: Any, base_dir: str, dtype: Any) -> Any:
     """An initializer's values as numpy in ``dtype``; bf16 (which onnx returns as raw uint16 or
     as ml_dtypes' bfloat16, by version) as fp32."""
@@ -254,9 +246,8 @@ def _rename_weights(
 
     names = {init.name for init in model.graph.initializer}
     # every 2-D parameter, pruned or not: a dense LM head is named too, not left as ``val_55``
-    params: dict[str, torch.Tensor] = {
-        s.param: module.get_parameter(s.param) for s in sites if _has_param(module, s.param)
-    }
+    named = dict(module.named_parameters(remove_duplicate=False))
+    params: dict[str, torch.Tensor] = {s.param: named[s.param] for s in sites if s.param in named}
     seen = {id(p) for p in params.values()}
     for name, p in module.named_parameters():
         if p.dim() == 2 and id(p) not in seen:

@@ -436,3 +436,35 @@ def test_fingerprint_sees_inplace_writes():
     with torch.no_grad():
         gm.conv.weight.mul_(1.0)  # same values, but an in-place write autograd records
     assert fingerprint(gm) != before
+
+
+def test_weights_read_by_keyword_twice_or_beside_their_module_call():
+    """``mm(h, mat2=W)`` is a product along W's axis 0; ``mm(V, V)`` uses V along both axes;
+    a linear's weight also read by ``F.linear`` outside its module call cannot be masked in the
+    call alone. Each is a site or excluded with its reason, and a root-module parameter's site is
+    named after the parameter."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+            self.W = nn.Parameter(torch.randn(16, 16))
+            self.V = nn.Parameter(torch.randn(16, 16))
+
+        def forward(self, x):
+            h = self.a(x)
+            h = self.b(h) + F.linear(h, self.b.weight)
+            h = torch.mm(h, mat2=self.W)
+            return self.c(h + torch.mm(self.V, self.V)[0])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = nmcompile.compile(Net(), "asp", example_inputs=(torch.randn(2, 8),))
+    assert [(s.name, s.kind, s.group_axis) for s in r.sites] == [("W", "matmul", 0)]
+    reasons = {e.name: e.reason for e in r.excluded}
+    assert "both by its module call and directly" in reasons["b"]
+    assert "different axes" in reasons["V"]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(r.masked(x), r.module(x), atol=1e-5)
+    assert (r.module.W == 0).sum() == r.module.W.numel() // 2
