@@ -419,3 +419,34 @@ def test_trainer_adamw_and_warmup():
     step = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(model.parameters(), before)])
     moved = step[step > 0]
     assert moved.numel() > 0 and torch.allclose(moved, torch.full_like(moved, 0.01), rtol=1e-2)
+
+
+def test_dict_batches_reach_data_driven_methods_by_name():
+    """A trainer yielding ``({"scale": s, "x": x}, y)`` (keys not in forward's order) to an
+    fx-traced model: the batch a method scores on (RigL's dense gradient) is placed by name."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x, scale):
+            return self.head(self.body(x)) * scale
+
+    torch.manual_seed(0)
+    x, s, y = torch.randn(32, 8), torch.rand(32, 1) + 0.5, torch.randint(0, 3, (32,))
+    batches = [({"scale": s[i : i + 8], "x": x[i : i + 8]}, y[i : i + 8]) for i in range(0, 32, 8)]
+    trainer = SupervisedTrainer(batches, lr=0.05, progress=False)
+    r = nmcompile.compile(
+        TwoInputs(),
+        "rigl",
+        "2:4",
+        example_inputs={"scale": s[:2], "x": x[:2]},
+        trainer=trainer,
+        total_iterations=20,
+        update_interval=5,
+        prune_stem=True,
+    )
+    assert r.tracer == "fx" and r.sparsity == pytest.approx(0.5)
+    assert torch.equal(r.module(x[:4], s[:4]), r.module(scale=s[:4], x=x[:4]))
