@@ -149,14 +149,13 @@ class CompileResult:
     def eager(self) -> nn.Module:
         """A copy of the caller's model carrying this result's (pruned) weights, in eval mode on
         the CPU: the model's own code, for what a traced graph cannot do (fp16 export of a
-        torch.export-traced model, generation with a KV cache)."""
+        torch.export-traced model, generation with a KV cache: the model's config is kept as the
+        caller had it)."""
         if self.source is None:
             raise ConfigError("this result keeps no reference to the model it was compiled from")
         from .passes.attention import make_traceable
-        from .passes.trace import _switch_off_caches
 
         eager = make_traceable(copy.deepcopy(self.source).cpu().eval())
-        _switch_off_caches(eager)
         state = self.module.state_dict()
         known = eager.state_dict()
         lost = [s.param for s in self.sites if s.param not in known]
@@ -164,6 +163,12 @@ class CompileResult:
             raise ConfigError(
                 f"the compiled weights {lost[:3]} have no place in {type(self.source).__name__} "
                 "(was the model changed after compile?)"
+            )
+        resized = [k for k, v in state.items() if k in known and known[k].shape != v.shape]
+        if resized:
+            raise ConfigError(
+                f"the compiled weights {resized[:3]} changed shape (channels were removed), so "
+                f"{type(self.source).__name__} cannot hold them: use result.module"
             )
         eager.load_state_dict({k: v for k, v in state.items() if k in known}, strict=False)
         return eager
@@ -234,11 +239,18 @@ class CompileResult:
 
         return render_markdown(self, level=level)
 
-    def _eager_attention(self) -> nn.Module:
-        eager = self.eager()
-        if not hasattr(eager, "set_attn_implementation"):
-            raise ExporterFailure("not a transformers model: no attention implementation to set")
-        eager.set_attn_implementation("eager")
+    def _model_code(self, eager_attention: bool = False) -> nn.Module:
+        """:meth:`eager` as export takes it: caches off, optionally transformers' plain softmax
+        attention; a model whose weights it cannot hold is a failed form, not an error."""
+        from .passes.trace import _switch_off_caches
+
+        try:
+            eager = self.eager()
+        except ConfigError as exc:
+            raise ExporterFailure(str(exc)) from exc
+        _switch_off_caches(eager)
+        if eager_attention:
+            eager.set_attn_implementation("eager")
         return eager
 
     def export_onnx(
@@ -279,13 +291,20 @@ class CompileResult:
         # Only a failure of the exporter itself moves on; a file that fails a check does not.
         forms: list[tuple[str, Any, Any, bool]] = [("graph", self.module, None, True)]
         if spec is not None and self.source is not None:
-            forms[:0] = [
+            forms[:0] = [("model code", self._model_code, self.module, False)]
+            if hasattr(self.source, "set_attn_implementation"):
                 # transformers' plain softmax attention: the same function, and what an ONNX
                 # file holds anyway (torch.onnx decomposes sdpa, and for some models, T5, gets
                 # the decomposed output's strides wrong)
-                ("model code with eager attention", self._eager_attention, self.module, False),
-                ("model code", self.eager, self.module, False),
-            ]
+                forms.insert(
+                    0,
+                    (
+                        "model code with eager attention",
+                        lambda: self._model_code(eager_attention=True),
+                        self.module,
+                        False,
+                    ),
+                )
         shapes = [dynamic_shapes, None] if dynamic_shapes is not None else [None]
         failures: list[str] = []
         for dyn in shapes:  # a file with dynamic axes first, whatever form gives it

@@ -190,8 +190,15 @@ def test_caches_are_switched_off_with_a_warning_and_the_callers_model_kept() -> 
     model, inputs = _llama()
     assert model.config.use_cache is True
     with pytest.warns(NMCompileWarning, match="use_cache switched off for tracing"):
-        nmcompile.compile(model.eval(), "asp", example_inputs=inputs)
+        r = nmcompile.compile(model.eval(), "asp", example_inputs=inputs)
     assert model.config.use_cache is True
+    # the model's own class with the pruned weights still generates with its cache
+    eager = r.eager()
+    assert eager.config.use_cache is True
+    site = r.sites[0]
+    assert torch.equal(eager.get_parameter(site.param), r.module.get_parameter(site.param))
+    out = eager.generate(inputs[0][:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "t5"])
