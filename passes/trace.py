@@ -162,7 +162,12 @@ def trace(
             f"{type(model).__name__}: use_cache switched off for tracing (config.use_cache=False "
             f"in {switched[:3]}{' ...' if len(switched) > 3 else ''}): a KV cache is generation "
             "state that neither tracer can return; the compiled module returns no "
-            "past_key_values. The caller's model is unchanged",
+            "past_key_values. "
+            + (
+                "The caller's model is unchanged (result.eager() generates with its cache)"
+                if copy_model
+                else "The model was traced in place: its config now says use_cache=False"
+            ),
             NMCompileWarning,
             stacklevel=2,
         )
@@ -479,13 +484,14 @@ def _trace_by_export(
     dtypes: list[torch.dtype | None] = []
     given: list[bool] = []
     flat_ok = all(x is None or isinstance(x, (torch.Tensor, int, float, bool)) for x in inputs)
-    # None inputs keep a placeholder of their own in some torch versions and not in others
+    # None inputs keep a placeholder of their own in some torch versions and not in others;
+    # every other flat input (tensors, and ints / floats / bools) has one
     one_each = len(placeholders) == len(inputs)
     it = iter(placeholders)
     for x in inputs:
-        ph = next(it) if one_each else None
+        ph = next(it, None) if one_each or x is not None else None
         if isinstance(x, torch.Tensor) and flat_ok:
-            val = (ph if one_each else next(it)).meta.get("val")
+            val = ph.meta.get("val") if ph is not None else None
             dims = tuple(
                 int(d) if isinstance(d, int) else None
                 for d in (val.shape if val is not None else x.shape)
