@@ -224,16 +224,14 @@ def _staged(dest: Path) -> Iterator[Path]:
 
 
 def _as_numpy(init: Any, base_dir: str, dtype: Any) -> Any:
-    """An initializer's values as numpy in ``dtype``; bf16 (which onnx returns as raw uint16 or
-    as ml_dtypes' bfloat16, by version) as fp32."""
+    """An initializer's values as numpy in ``dtype`` (bf16, which onnx returns as raw uint16 or
+    as ml_dtypes' bfloat16 by version, through fp32)."""
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
     arr = numpy_helper.to_array(init, base_dir=base_dir)
-    if init.data_type == TensorProto.BFLOAT16:
-        if arr.dtype == np.uint16:
-            return (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr.astype(np.float32)
+    if init.data_type == TensorProto.BFLOAT16 and arr.dtype == np.uint16:
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
     return arr if arr.dtype == dtype else arr.astype(dtype)
 
 
@@ -256,26 +254,32 @@ def _rename_weights(
     missing = [n for n in params if n not in names]
     if not missing:
         return
-    by_shape: dict[tuple[int, ...], list[Any]] = {}
+
+    def key(arr: Any) -> tuple[Any, ...]:  # shape and leading values: a cheap fingerprint
+        return (arr.shape, arr.reshape(-1)[:64].astype(np.float32).tobytes())
+
+    # every unnamed 2-D initializer read once (external data included) and bucketed by its
+    # fingerprint; only a fingerprint's candidates are read again, to compare in full
+    buckets: dict[tuple[Any, ...], list[Any]] = {}
+    shapes = {tuple(p.shape) for n, p in params.items() if n in missing and p.dim() == 2}
+    shapes |= {s[::-1] for s in shapes}
     for init in model.graph.initializer:
-        by_shape.setdefault(tuple(init.dims), []).append(init)
+        if init.name not in params and tuple(init.dims) in shapes:
+            buckets.setdefault(key(_as_numpy(init, base_dir, np.float32)), []).append(init)
     renames: dict[str, str] = {}
-    taken = set(params) & names
     for param in missing:
         w = params[param].detach().cpu()
         if w.dim() != 2:
             continue
-        if w.dtype == torch.bfloat16:  # numpy has no bf16: compare in fp32 (exact for bf16)
-            w = w.float()
+        w = w.float()  # compare in fp32: exact for fp16 / bf16 values, and numpy has no bf16
         # a linear weight reaches MatMul transposed; a [in, out] weight (Conv1D) as it is
         for cand in (w.t().contiguous().numpy(), w.contiguous().numpy()):
             hit = next(
                 (
                     init
-                    for init in by_shape.get(tuple(cand.shape), [])
+                    for init in buckets.get(key(cand), [])
                     if init.name not in renames
-                    and init.name not in taken
-                    and np.array_equal(_as_numpy(init, base_dir, cand.dtype), cand)
+                    and np.array_equal(_as_numpy(init, base_dir, np.float32), cand)
                 ),
                 None,
             )
