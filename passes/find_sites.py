@@ -243,10 +243,10 @@ class _Roles:
             self.state.get(a) != _WEIGHT for a in n.all_input_nodes
         )
 
-    def reads_raw(self, n: fx.Node, weight: set[fx.Node]) -> bool:
-        """Whether a call's activation operands (inputs other than ``weight`` chain nodes and
-        parameters) are raw input."""
-        acts = [a for a in n.all_input_nodes if a not in weight and self.state[a] != _WEIGHT]
+    def reads_raw(self, n: fx.Node) -> bool:
+        """Whether a call's activation operands (its inputs that are no function of parameters
+        alone: the weight and its views are) are raw input."""
+        acts = [a for a in n.all_input_nodes if self.state[a] != _WEIGHT]
         return (
             bool(acts)
             and any(self.state[a] == _RAW for a in acts)
@@ -467,10 +467,9 @@ def find_sites(
         if 0 in c.shape:
             skip("zero-size weight")
             continue
-        weight_chain = _chain_nodes(gm, c.param)
         uses = c.use_nodes
         attention = any(roles.feeds_attention(u) for u in uses)
-        stem = not attention and any(roles.reads_raw(u, weight_chain) for u in uses)
+        stem = not attention and any(roles.reads_raw(u) for u in uses)
         if stem and not prune_stem:
             skip(
                 "stem layer: reads the raw input (kept dense as in the papers; prune_stem=True "
@@ -555,21 +554,6 @@ def find_sites(
     gm.meta["nm_excluded"] = excluded
     # An analysis: it annotates node.meta / gm.meta but changes neither graph nor tensors.
     return PassResult(gm, False)
-
-
-def _chain_nodes(gm: fx.GraphModule, param: str) -> set[fx.Node]:
-    """The get_attr nodes of ``param`` and the layout views taken of them."""
-    out: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target == param:
-            stack = [n]
-            while stack:
-                x = stack.pop()
-                if x in out:
-                    continue
-                out.add(x)
-                stack.extend(u for u in x.users if u.op != "output" and len(u.all_input_nodes) == 1)
-    return out
 
 
 def get_sites(gm: fx.GraphModule) -> list[PrunableSite]:
