@@ -296,14 +296,14 @@ def auto_dynamic_shapes(inputs: Sequence[Any]) -> tuple[Any, ...]:
 class InputSpec:
     """What a traced module was traced for. ``names``: the forward's parameters in positional
     order (as many as were traced); ``shapes``: per input, its shape with ``None`` for a dynamic
-    dim (``None`` for a non-tensor input); ``dynamic_shapes``: the torch.export spec used."""
+    dim (``None`` for a non-tensor input); ``constants``: the non-tensor values traced (baked
+    into the graph); ``dynamic_shapes``: the torch.export spec used."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int | None, ...] | None, ...]
-    dtypes: tuple[torch.dtype | None, ...]
     given: tuple[bool, ...]  # a tensor (True) or None / a constant (False) at each position
+    constants: tuple[Any, ...] = ()
     dynamic_shapes: Any = None
-    tracer: str = "export"
 
     def describe(self) -> str:
         dyn = [
@@ -331,16 +331,22 @@ class InputSpec:
                 f"the compiled module takes {len(self.names)} inputs ({list(self.names)}), got "
                 f"{len(args)} positional arguments"
             )
+        twice = sorted(set(kwargs) & set(self.names[: len(args)]))
+        if twice:
+            raise InputError(f"{twice} given both by position and by keyword")
         bound = list(args)
-        for name in self.names[len(args) :]:
-            bound.append(kwargs.pop(name, None))
+        constants = self.constants or (None,) * len(self.names)
+        for name, const in zip(self.names[len(args) :], constants[len(args) :]):
+            bound.append(kwargs.pop(name, const))
         if kwargs:
             raise InputError(
                 f"{sorted(kwargs)} {'is not an input' if len(kwargs) == 1 else 'are not inputs'} "
                 f"the module was compiled with (inputs: {list(self.names)}); compile with "
                 "example_inputs that include every input you will pass"
             )
-        for name, value, given, shape in zip(self.names, bound, self.given, self.shapes):
+        for name, value, given, shape, const in zip(
+            self.names, bound, self.given, self.shapes, constants
+        ):
             if given and not isinstance(value, torch.Tensor):
                 raise InputError(
                     f"input `{name}` is missing: the module was compiled with a tensor there"
@@ -350,6 +356,12 @@ class InputSpec:
                     f"input `{name}` was not given when the module was compiled, so the traced "
                     f"graph has no place for it; compile with example_inputs that include `{name}`"
                 )
+            if not given and _differs(value, const):
+                raise InputError(
+                    f"input `{name}`={value!r}, but the module was traced with {const!r} there "
+                    "and the graph has that value built in; compile with example_inputs that "
+                    f"pass {name}={value!r}"
+                )
             if shape is not None and isinstance(value, torch.Tensor):
                 self._check_shape(name, tuple(value.shape), shape)
         return tuple(bound)
@@ -358,14 +370,28 @@ class InputSpec:
         bad = len(got) != len(traced) or any(t is not None and g != t for g, t in zip(got, traced))
         if not bad:
             return
-        fixed = [i for i, t in enumerate(traced) if t is not None]
+        if len(got) != len(traced):
+            raise InputError(
+                f"input `{name}` has {len(got)} dims, the module was traced for {len(traced)}"
+            )
+        fixed = [i for i, (g, t) in enumerate(zip(got, traced)) if t is not None and g != t]
         raise InputError(
             f"input `{name}` has shape {list(got)}, but the module was traced by torch.export "
             f"for shape {['*' if t is None else t for t in traced]} (* = dynamic): dims {fixed} "
             "are fixed to the example input's sizes (torch.export fixes a dim when the example "
-            "has size 0 or 1 there, or when dynamic_shapes did not make it dynamic). Compile "
+            "has size 0 or 1 there, when dynamic_shapes did not make it dynamic, or when the "
+            "model's own code ties it to a constant). Compile "
             "with example inputs of this shape, or pass dynamic_shapes=... to compile"
         )
+
+
+def _differs(value: Any, traced: Any) -> bool:
+    """Whether a non-tensor input differs from the value traced (plain values only; anything
+    else cannot be compared and is let through)."""
+    plain = (type(None), bool, int, float, str)
+    if not isinstance(value, plain) or not isinstance(traced, plain):
+        return False
+    return type(value) is not type(traced) or value != traced
 
 
 def _check_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
@@ -481,7 +507,6 @@ def _trace_by_export(
 
     # what each positional input was traced as: tensors take the placeholders in order
     shapes: list[tuple[int | None, ...] | None] = []
-    dtypes: list[torch.dtype | None] = []
     given: list[bool] = []
     flat_ok = all(x is None or isinstance(x, (torch.Tensor, int, float, bool)) for x in inputs)
     # None inputs keep a placeholder of their own in some torch versions and not in others;
@@ -497,18 +522,16 @@ def _trace_by_export(
                 for d in (val.shape if val is not None else x.shape)
             )
             shapes.append(dims)
-            dtypes.append(x.dtype)
         else:
             shapes.append(None)
-            dtypes.append(None)
         given.append(isinstance(x, torch.Tensor))
     install_input_spec(
         gm,
         InputSpec(
             names=_positional_names(root, len(inputs)),
             shapes=tuple(shapes),
-            dtypes=tuple(dtypes),
             given=tuple(given),
+            constants=tuple(None if isinstance(x, torch.Tensor) else x for x in inputs),
             dynamic_shapes=spec,
         ),
     )

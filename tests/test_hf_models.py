@@ -223,8 +223,10 @@ def test_fixed_shapes_warn_and_a_call_at_another_shape_says_why() -> None:
     model, inputs = _bert()
     with pytest.warns(NMCompileWarning, match="every input dim is fixed"):
         r = nmcompile.compile(model.eval(), "asp", example_inputs=inputs, dynamic_shapes=None)
-    with pytest.raises(InputError, match=r"input `input_ids` has shape \[2, 8\].*traced by torch"):
+    with pytest.raises(InputError, match=r"input `input_ids` has shape \[2, 8\].*dims \[1\]"):
         r.module(inputs[0][:, :8])
+    with pytest.raises(InputError, match=r"\['input_ids'\] given both by position and by keyword"):
+        r.module(inputs[0], input_ids=inputs[0])
     with pytest.raises(InputError, match=r"\['token_type_id'\] is not an input"):
         r.module(inputs[0], token_type_id=inputs[0])
 

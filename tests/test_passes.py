@@ -468,3 +468,20 @@ def test_weights_read_by_keyword_twice_or_beside_their_module_call():
     with torch.no_grad():
         assert torch.allclose(r.masked(x), r.module(x), atol=1e-5)
     assert (r.module.W == 0).sum() == r.module.W.numel() // 2
+
+
+def test_export_traced_module_refuses_a_flag_other_than_the_one_traced():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, double: bool = False):
+            y = self.fc(x)
+            return y * 2 if double else y
+
+    x = torch.randn(4, 8)
+    gm = trace(Scaled(), example_inputs=(x, True), tracer="export").graph_module
+    assert torch.allclose(gm(x), gm(x, double=True))  # the traced flag, also when left out
+    with pytest.raises(InputError, match=r"`double`=False, but the module was traced with True"):
+        gm(x, False)
