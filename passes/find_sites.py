@@ -398,6 +398,8 @@ def find_sites(
     sites: list[PrunableSite] = []
     excluded: list[ExcludedLayer] = []
     seen_layers: set[str] = set()
+    # FLOPs of the sites' products inside opaque calls, per call (summed over a call's uses)
+    site_flops: dict[fx.Node, dict[str, float]] = {}
 
     for c in cands:
         is_layer = c.module is not None or c.owner in layers
@@ -524,7 +526,8 @@ def find_sites(
             if u.node is None:
                 continue
             if u.flops is not None:  # inside an opaque call: the probe counted it
-                u.node.meta.setdefault("nm_site_flops", {})[site.param] = u.flops
+                per_param = site_flops.setdefault(u.node, {})
+                per_param[site.param] = per_param.get(site.param, 0.0) + u.flops
             else:
                 u.node.meta["nm_site"] = site
 
@@ -544,12 +547,10 @@ def find_sites(
         site = node.meta.get("nm_site")
         if site is not None and site not in sites:
             node.meta.pop("nm_site", None)
-        flops = node.meta.get("nm_site_flops")
-        if flops:
-            keep = {s.param for s in sites}
-            for p in list(flops):
-                if p not in keep:
-                    del flops[p]
+        if node in site_flops:
+            node.meta["nm_site_flops"] = site_flops[node]
+        else:
+            node.meta.pop("nm_site_flops", None)
     gm.meta["nm_sites"] = sites
     gm.meta["nm_excluded"] = excluded
     # An analysis: it annotates node.meta / gm.meta but changes neither graph nor tensors.

@@ -485,3 +485,27 @@ def test_export_traced_module_refuses_a_flag_other_than_the_one_traced():
     assert torch.allclose(gm(x), gm(x, double=True))  # the traced flag, also when left out
     with pytest.raises(InputError, match=r"`double`=False, but the module was traced with True"):
         gm(x, False)
+
+
+def _linear_twice(x, w):  # wrapped below: an opaque call to torch.fx, as swin's attention is
+    return F.linear(F.linear(x, w), w)
+
+
+torch.fx.wrap("_linear_twice")
+
+
+def test_flops_of_a_weight_used_twice_inside_an_opaque_call_add_up():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.w = nn.Parameter(torch.randn(16, 16))
+
+        def forward(self, x):
+            return self.head(_linear_twice(self.inp(x), self.w))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = nmcompile.compile(Net(), "asp", example_inputs=(torch.randn(2, 8),))
+    assert [s.name for s in r.sites] == ["w"]
+    assert r.flops.sites["w"] == pytest.approx(2 * 2 * 16 * 16)  # two products, batch 1
