@@ -34,6 +34,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -421,8 +422,9 @@ def _summary(exc: BaseException) -> str:
     while cause is not None and (cause.__cause__ or cause.__context__) is not None:
         cause = cause.__cause__ or cause.__context__
     if cause is not None:
-        head += f" (cause: {type(cause).__name__}: {str(cause).splitlines()[0][:500]})"
-    return head[:1500]
+        first = (str(cause).splitlines() or [""])[0]
+        head += f" (cause: {type(cause).__name__}: {first[:500]})"
+    return re.sub(r"\x1b\[[0-9;]*m", "", head)[:1500]  # torch colours its messages
 
 
 def _set_metadata(model: Any, values: dict[str, str]) -> None:
