@@ -52,6 +52,7 @@ from nmcompile._pattern import NMPattern
 
 from ._infra import PassResult
 from ._weight_uses import WeightUse, graph_weight_uses, op_name
+from .trace import AttentionDropout
 
 __all__ = [
     "ExcludedLayer",
@@ -263,6 +264,10 @@ class _Roles:
             seen.add(u)
             name = op_name(u.target, u.op) if u.op in ("call_function", "call_method") else ""
             if name in _ATTENTION_OPS or name.startswith("_scaled_dot_product"):
+                return True
+            if u.op == "call_module" and isinstance(
+                self.gm.get_submodule(u.target), AttentionDropout
+            ):
                 return True
             if name in _PRODUCTS and all(self.state.get(a) == _ACT for a in u.all_input_nodes):
                 return True

@@ -415,6 +415,25 @@ def _positional_names(root: nn.Module, n: int) -> tuple[str, ...]:
     return tuple(names[:n])
 
 
+class AttentionDropout(nn.Module):
+    """``scaled_dot_product_attention`` with the dropout probability it was traced with while
+    training and none in eval mode (torch.export bakes ``dropout_p`` into the call)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        return nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask, self.p if self.training else 0.0, is_causal, **kw
+        )
+
+
+def _attention_dropout(node: fx.Node) -> float:
+    p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    return float(p) if isinstance(p, (int, float)) else 0.0
+
+
 def _trace_by_export(
     root: nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any = "auto"
 ) -> fx.GraphModule:
@@ -447,6 +466,7 @@ def _trace_by_export(
         return path if path in modules else None
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    n_sdpa = 0
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target.startswith("_guards"):
             graph.erase_node(node) if not node.users else None
@@ -468,6 +488,18 @@ def _trace_by_export(
             # num_batches_tracked += 1: the BatchNorm module does it itself once called
             if not node.users:
                 graph.erase_node(node)
+            continue
+        if name == "scaled_dot_product_attention" and _attention_dropout(node) > 0:
+            # traced in training mode, the dropout probability is a constant of the call: give
+            # it a module of its own, so eval() switches it off as it does nn.Dropout
+            target = f"nm_attention_dropout_{n_sdpa}"
+            n_sdpa += 1
+            root.add_module(target, AttentionDropout(_attention_dropout(node)))
+            with graph.inserting_before(node):
+                new = graph.call_module(target, node.args, node.kwargs)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
             continue
         types = _ATEN_MODULE_OPS.get(name)
         if types is None or path is None or not isinstance(modules[path], types):

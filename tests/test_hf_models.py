@@ -290,3 +290,22 @@ def test_tied_lm_head_is_excluded_and_masked_agrees_with_module() -> None:
     assert "lm_head" in {e.name for e in g.excluded}
     with torch.no_grad():
         assert torch.allclose(g.masked(*inputs).logits, g.module(*inputs).logits, atol=1e-5)
+
+
+def test_a_model_compiled_in_training_mode_has_no_attention_dropout_in_eval() -> None:
+    """A transformers model is built in training mode; torch.export then bakes sdpa's
+    ``dropout_p`` into the call. The compiled module must still follow train() / eval()."""
+    model, inputs = _bert()
+    assert model.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NMCompileWarning)
+        r = nmcompile.compile(model, "asp", example_inputs=inputs, finetune_iterations=0)
+    assert "bert.encoder.layer.0.attention.self.query" in {s.name for s in r.sites}
+    r.module.train()
+    torch.manual_seed(0)
+    assert not torch.equal(_logits(r.module(*inputs)), _logits(r.module(*inputs)))
+    r.module.eval()
+    eager = r.eager()  # the model's own code with the pruned weights, in eval mode
+    with torch.no_grad():
+        got, want = _logits(r.module(*inputs)), _logits(eager(*inputs))
+    assert torch.allclose(got, want, atol=1e-5)
