@@ -402,6 +402,8 @@ def _normalise_inputs(example_inputs: Any, model: Any = None) -> tuple[Any, ...]
 def _bind_keywords(kwargs: dict[str, Any], model: Any) -> tuple[Any, ...]:
     import inspect
 
+    from .passes.trace import place_keywords
+
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError, AttributeError):
@@ -409,28 +411,17 @@ def _bind_keywords(kwargs: dict[str, Any], model: Any) -> tuple[Any, ...]:
             "example_inputs is a dict, but the model's forward signature cannot be read to "
             "place the keywords; pass a tuple of positional inputs"
         ) from None
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = [p.name for p in positional]
-    unknown = sorted(set(kwargs) - set(names))
-    if unknown:
-        raise InputError(
-            f"example_inputs names {unknown}, which {type(model).__name__}.forward does not take "
-            f"as parameters (it takes {names}); keywords that only reach **kwargs cannot be "
-            "traced as inputs"
-        )
-    last = max(names.index(k) for k in kwargs) if kwargs else -1
-    out = []
-    for p in positional[: last + 1]:
-        if p.name in kwargs:
-            out.append(kwargs[p.name])
-        elif p.default is not inspect.Parameter.empty:
-            out.append(p.default)
-        else:
-            raise InputError(
-                f"example_inputs has no value for `{p.name}`, a required input of "
-                f"{type(model).__name__}.forward"
-            )
-    return tuple(out)
+    return place_keywords(
+        kwargs,
+        [
+            (p.name, p.default)
+            for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ],
+        "example_inputs",
+        f"{type(model).__name__}.forward",
+        "; keywords that only reach **kwargs cannot be traced as inputs",
+    )
 
 
 def compile(

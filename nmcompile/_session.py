@@ -17,36 +17,13 @@ import torch
 import torch.fx as fx
 
 from . import _dist
-from ._errors import InputError, NonFiniteError
+from ._errors import NonFiniteError
 from ._flops import FlopModel
 from ._pattern import NMPattern
 from ._trainer import OnStep, StepInfo, Trainer
 from .passes import PrunableSite
 
 __all__ = ["Session"]
-
-
-def _bind_placeholders(gm: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """``kwargs`` in the order of an fx graph's placeholders (whose targets are the traced
-    forward's parameter names), defaults filling the gaps."""
-    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    names = [n.target for n in holders]
-    unknown = sorted(set(kwargs) - set(names))
-    if unknown:
-        raise InputError(
-            f"the batch names inputs {unknown} the compiled model does not take (it takes "
-            f"{names})"
-        )
-    last = max((names.index(k) for k in kwargs), default=-1)
-    out = []
-    for n in holders[: last + 1]:
-        if n.target in kwargs:
-            out.append(kwargs[n.target])
-        elif n.args:
-            out.append(n.args[0])  # the parameter's default
-        else:
-            raise InputError(f"the batch has no value for `{n.target}`, a required input")
-    return tuple(out)
 
 
 class Session:
@@ -257,12 +234,18 @@ class Session:
                 if isinstance(batch, (list, tuple)) and len(batch) == 2:
                     x = batch[0]
                     if isinstance(x, Mapping):  # keyword inputs (a tokenizer's output)
-                        from .passes.trace import input_spec
+                        from .passes.trace import input_spec, place_keywords, placeholder_params
 
                         kw = {k: v.to(device) for k, v in x.items()}
                         spec = input_spec(self.gm)
                         # placed by name: the export graph's spec, or the fx graph's placeholders
-                        args = spec.bind((), kw) if spec else _bind_placeholders(self.gm, kw)
+                        args = (
+                            spec.bind((), kw)
+                            if spec
+                            else place_keywords(
+                                kw, placeholder_params(self.gm), "the batch", "the compiled model"
+                            )
+                        )
                         return args, batch[1].to(device)
                     return (x.to(device),), batch[1].to(device)
                 break

@@ -385,6 +385,46 @@ class InputSpec:
         )
 
 
+def placeholder_params(gm: fx.GraphModule) -> list[tuple[str, Any]]:
+    """``(name, default)`` of an fx graph's inputs: placeholder targets are the traced forward's
+    parameter names, and a placeholder's argument is its default (``inspect.Parameter.empty``
+    for a required input)."""
+    return [
+        (n.target, n.args[0] if n.args else inspect.Parameter.empty)
+        for n in gm.graph.nodes
+        if n.op == "placeholder"
+    ]
+
+
+def place_keywords(
+    kwargs: dict[str, Any],
+    params: Sequence[tuple[str, Any]],
+    what: str,
+    owner: str,
+    hint: str = "",
+) -> tuple[Any, ...]:
+    """``kwargs`` as positional inputs in the order of ``params`` (``(name, default)``, with
+    ``inspect.Parameter.empty`` for a required one), up to the last one given; defaults fill
+    the gaps. ``what`` / ``owner`` name the caller's inputs and the callee in errors."""
+    names = [n for n, _ in params]
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise InputError(
+            f"{what} names {unknown}, which {owner} does not take as parameters (it takes "
+            f"{names}){hint}"
+        )
+    last = max((names.index(k) for k in kwargs), default=-1)
+    out = []
+    for name, default in params[: last + 1]:
+        if name in kwargs:
+            out.append(kwargs[name])
+        elif default is not inspect.Parameter.empty:
+            out.append(default)
+        else:
+            raise InputError(f"{what} has no value for `{name}`, a required input of {owner}")
+    return tuple(out)
+
+
 def _differs(value: Any, traced: Any) -> bool:
     """Whether a non-tensor input differs from the value traced (plain values only; anything
     else cannot be compared and is let through)."""
