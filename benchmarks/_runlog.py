@@ -57,3 +57,23 @@ class RunLog:
             os.fsync(fh.fileno())
         self.all.append(row)
         self.runs.append(row)
+
+
+def result_row(result: Any, t0: float) -> dict[str, Any]:
+    """What a benchmark logs of a finished ``nmcompile.compile`` run started at ``t0``
+    (``time.perf_counter()``): final accuracy and training FLOPs, rounds, sparsity, wall time and
+    the per-round history (plain values only)."""
+    import time
+
+    last = result.history[-1]
+    return {
+        "accuracy": last["accuracy"],
+        "train_flops": last["train_flops"],
+        "rounds": len(result.history),
+        "sparsity": result.sparsity,
+        "wall_s": time.perf_counter() - t0,
+        "history": [
+            {k: v for k, v in h.items() if isinstance(v, (int, float, str, bool))}
+            for h in result.history
+        ],
+    }

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folder)
+from _runlog import RunLog, result_row  # benchmarks/_runlog.py (scripts run from this folder)
 
 import nmcompile
 from nmcompile import SupervisedTrainer
@@ -158,18 +158,7 @@ def _one_run(args: argparse.Namespace, seed: int, method: str) -> dict[str, Any]
         r = nmcompile.compile(
             model, method, args.pattern, example_inputs=example, trainer=trainer, **options
         )
-    last = r.history[-1]
-    return {
-        "accuracy": last["accuracy"],
-        "train_flops": last["train_flops"],
-        "rounds": len(r.history),
-        "sparsity": r.sparsity,
-        "wall_s": time.perf_counter() - t0,
-        "history": [
-            {k: v for k, v in h.items() if isinstance(v, (int, float, str, bool))}
-            for h in r.history
-        ],
-    }
+    return result_row(r, t0)
 
 
 def _t95(n: int) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folder)
+from _runlog import RunLog, result_row  # benchmarks/_runlog.py (scripts run from this folder)
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
@@ -83,18 +83,7 @@ def _one_run(args: argparse.Namespace, pattern: str, seed: int, method: str) -> 
             trainer=trainer,
             **options,
         )
-    last = r.history[-1]
-    return {
-        "accuracy": last["accuracy"],
-        "train_flops": last["train_flops"],
-        "rounds": len(r.history),
-        "sparsity": r.sparsity,
-        "wall_s": time.perf_counter() - t0,
-        "history": [
-            {k: v for k, v in h.items() if isinstance(v, (int, float, str, bool))}
-            for h in r.history
-        ],
-    }
+    return result_row(r, t0)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
