@@ -48,7 +48,7 @@ from _runlog import RunLog, result_row  # benchmarks/_runlog.py (scripts run fro
 
 import nmcompile
 from nmcompile import SupervisedTrainer
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("dense", "asp", "mimp", "lmimp")

@@ -138,7 +138,7 @@ def main() -> None:
     else:  # what 2 cores time in a few minutes
         linears = [(1024, 1024, 256), (2048, 2048, 512), (4096, 4096, 256)]
         convs = [(128, 128, 3, 28, 8), (256, 256, 3, 14, 8), (512, 512, 1, 14, 8)]
-    from nmcompile.cli import machine_info
+    from nmcompile._machine import machine_info
 
     info = machine_info()
     out = Path(args.out or RESULTS / f"block_sparse_{args.device}.json")

@@ -32,7 +32,7 @@ from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folde
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 from nmcompile.runtime import export_onnx, ort_latency
 
 RESULTS = Path(__file__).parent / "results"

@@ -29,7 +29,7 @@ from torch import nn
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("lbc", "sr-ste", "ste", "asp")

@@ -26,7 +26,7 @@ from _runlog import RunLog
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 NEVER = 10_000  # a round index no run reaches

@@ -30,7 +30,7 @@ from _runlog import RunLog, result_row  # benchmarks/_runlog.py (scripts run fro
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("dense", "asp", "eb", "mimp", "mimp-high", "mimp-rand", "lmimp")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from nmcompile import NMPattern, nm_mask
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 

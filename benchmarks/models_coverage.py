@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import nmcompile
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 from nmcompile.passes.trace import input_spec
 
 RESULTS = Path(__file__).parent / "results"

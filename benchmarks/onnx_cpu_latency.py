@@ -26,7 +26,7 @@ import torch
 import torchvision
 
 import nmcompile
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 from nmcompile.runtime import export_onnx, ort_latency, speedup
 
 RESULTS = Path(__file__).parent / "results"

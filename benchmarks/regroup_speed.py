@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 import nmcompile
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 from nmcompile.passes.regroup import RegroupSettings, regroup
 
 RESULTS = Path(__file__).parent / "results"

@@ -35,7 +35,7 @@ from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folde
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
-from nmcompile.cli import machine_info
+from nmcompile._machine import machine_info
 from nmcompile.runtime import export_onnx, ort_latency
 from nmcompile.runtime.block_sparse import to_block_sparse
 

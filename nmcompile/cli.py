@@ -15,12 +15,13 @@ import csv
 import io
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from nmcompile._machine import machine_info
 
 __all__ = ["main"]
 
@@ -29,42 +30,6 @@ _DEFAULTS = {
     "digits": {"pretrain": 600, "finetune": 300, "round": 300, "lr": 0.05, "batch": 64},
     "fashion-mnist": {"pretrain": 3000, "finetune": 1500, "round": 1500, "lr": 0.05, "batch": 128},
 }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; the platform's processor elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count and library versions, for the reports."""
-    cpu = cpu_model()
-    import torch
-
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        info["onnxruntime"] = None
-    return info
 
 
 def _parse_option(text: str) -> tuple[str, Any]:

@@ -434,7 +434,7 @@ def benchmark(
         pair = _Pair(path.stem, None, None, None, shape, onnx_file=path)
     else:
         pair = _zoo_pair(str(model), tuple(input_shape) if input_shape else None, pattern)
-    from nmcompile.cli import machine_info
+    from nmcompile._machine import machine_info
 
     rows: list[BenchRow] = []
     with contextlib.ExitStack() as stack:

@@ -89,7 +89,7 @@ def _device_tag(backend: str, device: str) -> str:
     count (a GPU one names the GPU), so a cache copied to another machine is re-measured."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{device}:{torch.cuda.get_device_name(torch.device(device))}"
-    from nmcompile.cli import cpu_model
+    from nmcompile._machine import cpu_model
 
     threads = 0 if backend == "ort" else torch.get_num_threads()  # ORT: its default pool
     return f"cpu:{cpu_model()}:{threads}t"
