@@ -19,11 +19,18 @@ under the kernel's minimum or not a multiple of it (rows x cols of the weight, p
 dtype, read from torch's own table). :func:`plan_semi_structured` makes those decisions without a
 GPU; :func:`to_semi_structured` applies them and, given example inputs, checks the converted
 module against the masked dense one.
+
+Outputs are row-major: conversion turns on cuSPARSELt's fused transpose (torch <= 2.13 otherwise
+returns a column-major view of the ``[out, tokens]`` product, which sends attention to SDPA's math
+path and makes every norm and the next layer copy), and :func:`linear_2d` makes any other result
+contiguous. Inside :func:`~nmcompile.runtime.semi_structured_standin.cpu_semi_structured` the same
+code runs on CPU modules with stand-in kernels (tests, the GPU script's dry run).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -170,10 +177,15 @@ def _matmul_params(module: nn.Module) -> list[str]:
 
 
 def linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """``F.linear`` over a contiguous ``[tokens, in]`` view of ``x`` (see the module docstring)."""
+    """``F.linear`` over a contiguous ``[tokens, in]`` view of ``x``, with a row-major output
+    (see the module docstring)."""
     lead = x.shape[:-1]
     y = F.linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
-    return y.reshape(*lead, y.shape[-1])
+    # torch <= 2.13's cuSPARSELt path returns the transposed (column-major) product unless the
+    # transpose is fused into the kernel; a column-major activation sends attention to SDPA's
+    # math path and makes every norm and the next layer copy. Conversion turns the fusion on; this
+    # copy is the guard for a weight converted without it (a no-op when already row-major).
+    return y.contiguous().reshape(*lead, y.shape[-1])
 
 
 class SemiStructuredLinear(nn.Linear):
@@ -238,6 +250,32 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, new)
 
 
+def _convert(target: nn.Module, decisions: list[SemiStructuredDecision]) -> None:
+    """Swap in the 2:4 weights / modules the decisions allow, in place."""
+    from torch.sparse import to_sparse_semi_structured
+
+    for d in decisions:
+        if not d.convert:
+            continue
+        if d.kind == "matmul":
+            owner, _, attr = d.name.rpartition(".")
+            holder = target.get_submodule(owner) if owner else target
+            w = getattr(holder, attr).detach().contiguous()
+            setattr(holder, attr, nn.Parameter(to_sparse_semi_structured(w), False))
+            continue
+        mod = target.get_submodule(d.name)
+        w = mod.weight.detach().reshape(d.shape).contiguous()
+        sparse = to_sparse_semi_structured(w)
+        bias = None if mod.bias is None else mod.bias.detach()
+        if d.kind == "linear" and type(mod).forward is not nn.Linear.forward:
+            # a subclass with its own forward keeps it (and its hooks): only the weight
+            # changes, and that forward must feed F.linear a 2-D or contiguous input
+            mod.weight = nn.Parameter(sparse, requires_grad=False)
+            continue
+        cls = SemiStructuredLinear if d.kind == "linear" else SemiStructuredConv1x1
+        _set_submodule(target, d.name, cls(sparse, bias))
+
+
 def to_semi_structured(
     module: nn.Module,
     *,
@@ -251,15 +289,18 @@ def to_semi_structured(
     ``example_inputs``: when given, the converted module must reproduce the input module's output
     within ``rtol`` (relative L2 error). Returns the module, the per-layer decisions and the error.
     """
+    from . import semi_structured_standin
+
     params = list(module.parameters())
-    if not params or not params[0].is_cuda:
+    on_cpu_standin = bool(params) and not params[0].is_cuda and semi_structured_standin.active()
+    if not params or not (params[0].is_cuda or on_cpu_standin):
         raise NMCompileError(
             "to_semi_structured needs the module on a CUDA GPU: torch's 2:4 semi-structured "
             "kernels (cuSPARSELt / CUTLASS) have no CPU implementation. Move it with "
             "module.cuda().half() first"
         )
     backend = backend or default_backend()
-    major, _ = torch.cuda.get_device_capability(params[0].device)
+    major = 8 if on_cpu_standin else torch.cuda.get_device_capability(params[0].device)[0]
     if backend == "cutlass" and major >= 9:
         raise NMCompileError(
             "CUTLASS 2:4 kernels run on SM8x only; this GPU is SM"
@@ -273,33 +314,22 @@ def to_semi_structured(
         with torch.inference_mode():  # the mode the latency harness times in
             reference = _flatten(module(*example_inputs))
     target = module if inplace else copy.deepcopy(module)
-    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+    from torch.sparse import SparseSemiStructuredTensor
 
-    previous = SparseSemiStructuredTensor._FORCE_CUTLASS
+    previous = SparseSemiStructuredTensor._FORCE_CUTLASS, SparseSemiStructuredTensor._FUSE_TRANSPOSE
     SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+    # cuSPARSELt writes the transposed product itself (row-major [tokens, out]) instead of torch
+    # returning a column-major view of [out, tokens]; torch >= 2.14 fuses it on its own
+    SparseSemiStructuredTensor._FUSE_TRANSPOSE = True
     try:
-        for d in decisions:
-            if not d.convert:
-                continue
-            if d.kind == "matmul":
-                owner, _, attr = d.name.rpartition(".")
-                holder = target.get_submodule(owner) if owner else target
-                w = getattr(holder, attr).detach().contiguous()
-                setattr(holder, attr, nn.Parameter(to_sparse_semi_structured(w), False))
-                continue
-            mod = target.get_submodule(d.name)
-            w = mod.weight.detach().reshape(d.shape).contiguous()
-            sparse = to_sparse_semi_structured(w)
-            bias = None if mod.bias is None else mod.bias.detach()
-            if d.kind == "linear" and type(mod).forward is not nn.Linear.forward:
-                # a subclass with its own forward keeps it (and its hooks): only the weight
-                # changes, and that forward must feed F.linear a 2-D or contiguous input
-                mod.weight = nn.Parameter(sparse, requires_grad=False)
-                continue
-            cls = SemiStructuredLinear if d.kind == "linear" else SemiStructuredConv1x1
-            _set_submodule(target, d.name, cls(sparse, bias))
+        with warnings.catch_warnings():
+            # torch warns "prototype stage" for every tensor it builds; one conversion, one warning less
+            warnings.filterwarnings("ignore", "The PyTorch API of SparseSemiStructuredTensor")
+            _convert(target, decisions)
     finally:
-        SparseSemiStructuredTensor._FORCE_CUTLASS = previous
+        SparseSemiStructuredTensor._FORCE_CUTLASS, SparseSemiStructuredTensor._FUSE_TRANSPOSE = (
+            previous
+        )
     matmuls = {d.name for d in decisions if d.kind == "matmul" and d.convert}
     if matmuls:
         _route_through_linear_2d(target, matmuls)

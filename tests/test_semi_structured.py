@@ -1,4 +1,6 @@
-"""torch 2:4 semi-structured: which layers qualify (CPU) and the real conversion (GPU only)."""
+"""torch 2:4 semi-structured: which layers qualify, and the real conversion through torch's
+classes: on a GPU with its kernels, and everywhere with the CPU stand-in kernels
+(``semi_structured_standin``), which compute the same product from the compressed operand."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from nmcompile.runtime.semi_structured import (
     plan_semi_structured,
     to_semi_structured,
 )
+from nmcompile.runtime.semi_structured_standin import active, cpu_semi_structured
 
 
 def _sparse(mod: nn.Module) -> nn.Module:
@@ -128,10 +131,20 @@ def test_conversion_needs_a_gpu():
         to_semi_structured(_sparse(Net()))
 
 
-@pytest.mark.gpu
-def test_semi_structured_matches_masked_dense_on_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+@pytest.fixture(params=["standin", pytest.param("cuda", marks=pytest.mark.gpu)])
+def where(request):
+    """(device, dtype) with 2:4 kernels: the CPU stand-in (bf16: CPU fp16 GEMMs crawl) or a GPU."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        yield "cuda", torch.half
+    else:
+        with cpu_semi_structured():
+            yield "cpu", torch.bfloat16
+
+
+def test_semi_structured_matches_masked_dense(where):
+    device, dtype = where
     torch.manual_seed(0)
     m = nmcompile.zoo.create("bert_tiny", num_classes=4)
     r = nmcompile.compile(
@@ -142,32 +155,79 @@ def test_semi_structured_matches_masked_dense_on_gpu():
         prune_stem=True,
         finetune_iterations=0,
     )
-    model = r.module.cuda().half().eval()
-    x = torch.randn(8, 64, 128, device="cuda", dtype=torch.half)
+    model = r.module.to(device, dtype).eval()
+    x = torch.randn(8, 64, 128, device=device, dtype=dtype)
     res = to_semi_structured(model, example_inputs=(x,))
-    plan = plan_semi_structured(model, dtype=torch.half)
+    plan = plan_semi_structured(model, dtype=dtype)
     assert res.converted == [d.name for d in plan if d.convert] and len(res.converted) == 8
     assert res.max_rel_error < 2e-2
     from torch.sparse import SparseSemiStructuredTensor
 
-    assert isinstance(res.module.get_submodule("blocks.0.fc1").weight, SparseSemiStructuredTensor)
+    fc1 = res.module.get_submodule("blocks.0.fc1").weight
+    assert isinstance(fc1, SparseSemiStructuredTensor)
+    # cuSPARSELt writes the row-major product itself (torch <= 2.13 returned a column-major
+    # view of it otherwise); the flag must survive on the converted weight
+    assert fc1.fuse_transpose_cusparselt is (fc1.BACKEND == "cusparselt")
+    with torch.inference_mode():
+        assert res.module.get_submodule("blocks.0.fc1")(x).is_contiguous()
 
 
-@pytest.mark.gpu
-def test_semi_structured_1x1_convs_and_attention_qkv_on_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+def test_semi_structured_1x1_convs_and_attention_qkv(where):
+    device, dtype = where
     torch.manual_seed(0)
-    net = _sparse(Net()).cuda().half().eval()
+    net = _sparse(Net()).to(device, dtype).eval()
     for fmt in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(4, 64, 14, 14, device="cuda", dtype=torch.half).contiguous(
-            memory_format=fmt
-        )
+        x = torch.randn(4, 64, 14, 14, device=device, dtype=dtype).contiguous(memory_format=fmt)
         res = to_semi_structured(net, example_inputs=(x,))
         assert "conv1x1" in res.converted and res.max_rel_error < 2e-2
     layer = nn.TransformerEncoderLayer(256, 4, 512, batch_first=True, dropout=0.0)
     enc = nn.Sequential(nn.Linear(64, 256), nn.TransformerEncoder(layer, 2), nn.Linear(256, 4))
     r = nmcompile.compile(enc, "asp", "2:4", example_inputs=(torch.randn(2, 16, 64),))
-    x = torch.randn(8, 128, 64, device="cuda", dtype=torch.half)
-    res = to_semi_structured(r.module.cuda().half().eval(), example_inputs=(x,))
+    x = torch.randn(8, 128, 64, device=device, dtype=dtype)
+    res = to_semi_structured(r.module.to(device, dtype).eval(), example_inputs=(x,))
     assert "1.layers.0.self_attn.in_proj_weight" in res.converted and res.max_rel_error < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["cusparselt", "cutlass"])
+def test_standin_kernels_compute_the_product_of_the_compressed_weight(backend):
+    import torch.nn.functional as F
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128, dtype=torch.bfloat16)
+    w = w * NMPattern(2, 4).mask(w.abs().float()).to(w.dtype)
+    bias = torch.randn(64, dtype=torch.bfloat16)
+    before = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+    try:
+        with cpu_semi_structured(), torch.inference_mode():
+            assert active()
+            ws = to_sparse_semi_structured(w)
+            assert backend == ws.BACKEND
+            for shape in [(32, 128), (2, 7, 128), (5, 128)]:  # 5 rows: torch pads to the minimum
+                x = torch.randn(*shape, dtype=torch.bfloat16)
+                for b in (None, bias):
+                    got, ref = F.linear(x, ws, b), F.linear(x, w, b)
+                    assert got.shape == ref.shape
+                    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = before
+    # nothing outlives the block: torch's device check and the missing CPU kernels are back
+    assert not active()
+    with pytest.raises(RuntimeError, match="not supported"):
+        to_sparse_semi_structured(w)
+    with pytest.raises(NotImplementedError):
+        torch.ops.aten._cslt_compress(w)
+
+
+def test_linear_2d_gives_a_row_major_output_whatever_the_kernel_returns(monkeypatch):
+    # torch <= 2.13's cuSPARSELt path hands back a transposed view of [out, tokens]
+    real = torch.nn.functional.linear
+
+    def column_major(x, w, b=None):
+        return real(x, w, b).t().contiguous().t()
+
+    monkeypatch.setattr(torch.nn.functional, "linear", column_major)
+    assert not column_major(torch.randn(6, 8), torch.randn(4, 8)).is_contiguous()
+    y = linear_2d(torch.randn(2, 3, 8), torch.randn(4, 8))
+    assert y.shape == (2, 3, 4) and y.is_contiguous()
