@@ -133,7 +133,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--pattern", default="2:4")
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--repeat", type=int, default=50)
-    bench.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs (torch)")
+    bench.add_argument(
+        "--eager",
+        dest="cuda_graphs",
+        action="store_false",
+        help="time eager calls on the GPU instead of CUDA-graph replays (torch backends)",
+    )
     bench.add_argument("--out", default="nmcompile-bench", help="output folder")
     return p
 

@@ -11,9 +11,13 @@ Backends:
   ``SPARSE_WEIGHTS`` (the same weights, so the ratio isolates the sparse kernels).
 
 Each (backend, dtype, batch) pair times dense and sparse interleaved after warm-up: CUDA events
-on GPU, synchronous clocks on CPU; median / p90 / p99; optional CUDA graphs for the torch
-backends. A backend that cannot run here (no GPU, no ``tensorrt``, a dtype without kernels) gives
-a row that says why instead of a number.
+on GPU, synchronous clocks on CPU; median / p90 / p99. On a GPU the torch backends are timed as
+CUDA-graph replays (``cuda_graphs=True``, the default): eager, a 2:4 layer's host work (subclass
+dispatch, cuSPARSELt plan setup) outlasts its GPU work and the events would time the host; a
+capture that fails falls back to eager and the row says so. A backend that cannot run here (no
+GPU, no ``tensorrt``, a dtype without kernels) gives a row that says why instead of a number, and
+a row that fails (an engine that does not build, CUDA out of memory) gives a row with the error,
+not an exception that loses the other rows.
 
 ``model`` is a zoo name (random init; the sparse twin is ASP 2:4 without training, which is all
 latency needs) or an ``.onnx`` file (dense twin for ONNX Runtime: the zeros of its N:M weights
@@ -296,26 +300,28 @@ def _bench_ort(ctx: _Ctx, dtype: str, batch: int, provider: str) -> BenchRow:
     )
 
 
-def _torch_fns(models: dict[str, nn.Module], x: torch.Tensor, graphs: bool) -> dict[str, Callable]:
-    fns = {}
+def _torch_fns(
+    models: dict[str, nn.Module], x: torch.Tensor, graphs: bool
+) -> tuple[dict[str, Callable], dict[str, str]]:
+    """One callable per model: a CUDA-graph replay where asked and capture works (eager host work
+    would otherwise be what is timed), else the eager call; the reasons for any eager fallback."""
+    from .latency import capture_cuda_graph
+
+    fns, fallbacks = {}, {}
     for name, m in models.items():
-        if graphs and x.is_cuda:
-            static = x.clone()
+
+        def run(m=m):
             with torch.inference_mode():
-                for _ in range(3):
-                    m(static)  # warm-up on a side stream is not needed for inference-only graphs
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    m(static)
-            fns[name] = g.replay
+                return m(x)
+
+        if graphs and x.is_cuda:
+            cap = capture_cuda_graph(run)
+            fns[name] = cap.fn
+            if not cap.graph:
+                fallbacks[name] = cap.note
         else:
-
-            def run(m=m):
-                with torch.inference_mode():
-                    return m(x)
-
             fns[name] = run
-    return fns
+    return fns, fallbacks
 
 
 def _bench_torch(ctx: _Ctx, dtype: str, batch: int, semi: bool) -> BenchRow:
@@ -352,13 +358,18 @@ def _bench_torch(ctx: _Ctx, dtype: str, batch: int, semi: bool) -> BenchRow:
         )
         if not conv.converted:
             raise BackendUnavailable("no layer qualifies for 2:4 kernels: " + conv.summary())
-    fns = _torch_fns({"dense": dense, "sparse": sparse}, x, ctx.cuda_graphs)
+    fns, fallbacks = _torch_fns({"dense": dense, "sparse": sparse}, x, ctx.cuda_graphs)
     stats = time_interleaved(
         fns, warmup=ctx.warmup, repeat=ctx.repeat, cuda_events=device == "cuda"
     )
     note = "" if semi else "masked weights, dense kernels"
     if semi:
         note = f"{details['converted']}/{details['layers']} layers 2:4"
+    if device == "cuda":
+        details["timing"] = "eager" if not ctx.cuda_graphs or fallbacks else "cuda-graph"
+        note += f"; {details['timing']}" if note else details["timing"]
+    if fallbacks:
+        details["graph_fallback"] = fallbacks
     return BenchRow(
         "torch-2:4" if semi else "torch",
         dtype,
@@ -403,6 +414,19 @@ def _bench_trt(ctx: _Ctx, dtype: str, batch: int) -> BenchRow:
     )
 
 
+def _failed_row(backend: str, dtype: str, batch: int, exc: Exception) -> BenchRow:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what an out-of-memory row held, before the next row
+    message = " ".join(str(exc).split())[:400]
+    return BenchRow(
+        backend,
+        dtype,
+        batch,
+        note=f"failed: {type(exc).__name__}: {message}",
+        details={"error": type(exc).__name__, "message": str(exc)[:2000]},
+    )
+
+
 def benchmark(
     model: str | os.PathLike,
     *,
@@ -413,7 +437,7 @@ def benchmark(
     pattern: str = "2:4",
     warmup: int = 10,
     repeat: int = 50,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = True,
     workdir: str | os.PathLike | None = None,
 ) -> BenchReport:
     """Time dense vs sparse ``model`` on each backend, dtype and batch size (module docstring)."""
@@ -462,6 +486,10 @@ def benchmark(
                             int(batch),
                             note="skipped: the tensorrt package is not installed",
                         )
+                    except Exception as exc:
+                        # one row failing (an engine that does not build, CUDA out of memory at
+                        # the largest batch, an export error) must not lose the others
+                        row = _failed_row(backend, dtype, int(batch), exc)
                     rows.append(row)
     settings = {
         "backends": list(backends),

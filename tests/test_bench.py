@@ -46,6 +46,27 @@ def test_benchmark_zoo_model_on_cpu_backends(tmp_path):
     assert files["png"].read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_failing_row_is_recorded_and_the_others_still_run(monkeypatch):
+    from nmcompile.runtime import bench
+
+    real = bench._bench_torch
+
+    def out_of_memory_at_batch_2(ctx, dtype, batch, semi):
+        if batch == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(ctx, dtype, batch, semi)
+
+    monkeypatch.setattr(bench, "_bench_torch", out_of_memory_at_batch_2)
+    r = nmcompile.benchmark("cnn", backends=["torch"], batch_sizes=[1, 2, 3], warmup=1, repeat=3)
+    assert [row.batch for row in r.rows] == [1, 2, 3]
+    failed = r.rows[1]
+    assert failed.dense is None and failed.speedup is None
+    assert failed.note.startswith("failed: OutOfMemoryError: CUDA out of memory")
+    assert failed.details["error"] == "OutOfMemoryError"
+    assert r.rows[0].speedup and r.rows[2].speedup
+    assert "failed: OutOfMemoryError" in r.to_markdown()
+
+
 def test_benchmark_rejects_bad_options():
     with pytest.raises(ConfigError, match=r"unknown backends \['tensorflow'\]"):
         nmcompile.benchmark("cnn", backends=["tensorflow"])
