@@ -1,9 +1,10 @@
 """torch 2:4 semi-structured sparsity on NVIDIA GPUs.
 
 ``to_semi_structured(module)`` compresses every eligible weight with
-``torch.sparse.to_sparse_semi_structured``: ``nn.Linear`` layers, ``F.linear`` calls on a 2-D
-parameter in a GraphModule (the packed qkv ``in_proj_weight`` of attention after nmcompile's
-tracing), and 1x1 convolutions (stride 1, no padding, no groups) which run as a linear layer over
+``torch.sparse.to_sparse_semi_structured``: ``nn.Linear`` layers, products with a 2-D parameter
+in a GraphModule (``F.linear`` / ``aten.linear`` on the packed qkv ``in_proj_weight`` of attention;
+``aten.mm`` / ``aten.addmm`` with an ``[in, out]`` weight, GPT-2's ``Conv1D`` after torch.export,
+stored transposed once converted), and 1x1 convolutions (stride 1, no padding, no groups) which run as a linear layer over
 channels-last activations. The kernels are cuSPARSELt where available (required on Hopper, where
 CUTLASS's sparse kernels do not run) and CUTLASS on SM8x.
 
@@ -14,7 +15,7 @@ NCHW activation breaks both. So every converted layer flattens its input to a co
 otherwise) and works under ``no_grad`` and ``inference_mode`` alike.
 
 A layer stays dense, with the reason recorded, when its weight does not satisfy 2:4 along the
-input features, when the dtype has no sparse kernel in the chosen backend, or when its shape is
+input features (1:2 for fp32, whose 32-bit elements the sparse tensor cores keep one in two of), when the dtype has no sparse kernel in the chosen backend, or when its shape is
 under the kernel's minimum or not a multiple of it (rows x cols of the weight, per backend and
 dtype, read from torch's own table). :func:`plan_semi_structured` makes those decisions without a
 GPU; :func:`to_semi_structured` applies them and, given example inputs, checks the converted
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 _P24 = NMPattern(2, 4)
+_P12 = NMPattern(1, 2)
 
 # (sparse_min_rows, sparse_min_cols) per backend and dtype, as in torch/sparse/semi_structured.py
 # (torch 2.11-2.14). Read from torch at run time when available; this is the fallback.
@@ -97,7 +99,7 @@ def default_backend() -> str:
 @dataclass(frozen=True)
 class SemiStructuredDecision:
     name: str  # module path, or the parameter's path for a "matmul" (F.linear on a parameter)
-    kind: str  # "linear" | "conv1x1" | "matmul"
+    kind: str  # "linear" | "conv1x1" | "matmul" ([out, in] parameter) | "matmul_t" ([in, out])
     shape: tuple[int, ...]  # the weight as the kernel sees it: (out, in)
     convert: bool
     reason: str
@@ -129,7 +131,10 @@ def plan_semi_structured(
             candidates.append((name, "linear", mod.weight))
         elif _is_1x1(mod):
             candidates.append((name, "conv1x1", mod.weight))
-    candidates += [(p, "matmul", module.get_parameter(p)) for p in _matmul_params(module)]
+    for p, kind in _matmul_params(module).items():
+        w = module.get_parameter(p)
+        # an [in, out] operand (x @ W, GPT-2's Conv1D as addmm) is the [out, in] weight transposed
+        candidates.append((p, kind, w.t() if kind == "matmul_t" else w))
     out = []
     for name, kind, w in candidates:
         w = w.detach()
@@ -142,11 +147,21 @@ def plan_semi_structured(
             )
         else:
             rows, cols = limits[dtype]
+            # 32-bit elements: the sparse tensor cores keep 1 of each 2 (the same 64 bits as
+            # 2:4 of 16-bit ones), so an fp32 kernel needs 1:2 and a 2:4 weight is not one
+            need = _P12 if dtype == torch.float32 else _P24
+            bad = nm_violations(w.reshape(shape), need) if shape[1] % 4 == 0 else 0
             if shape[1] % 4:
                 reason = f"{shape[1]} input features, not a multiple of 4"
-            elif nm_violations(w.reshape(shape), _P24):
-                bad = nm_violations(w.reshape(shape), _P24)
-                reason = f"weight is not 2:4 along its input features ({bad} groups break it)"
+            elif bad:
+                reason = (
+                    f"weight is not {need} along its input features ({bad} groups break it)"
+                    + (
+                        "; fp32 2:4 kernels take 1:2 (run fp16 / bf16 for 2:4)"
+                        if need is _P12
+                        else ""
+                    )
+                )
             elif shape[0] < rows or shape[0] % rows or shape[1] < cols or shape[1] % cols:
                 reason = (
                     f"shape {shape[0]}x{shape[1]} is under the {backend} kernel minimum or "
@@ -157,23 +172,62 @@ def plan_semi_structured(
     return out
 
 
-def _matmul_params(module: nn.Module) -> list[str]:
-    """2-D parameters a GraphModule feeds to ``F.linear`` itself (not through an nn.Linear)."""
-    if not isinstance(module, fx.GraphModule):
-        return []
-    out = []
-    for node in module.graph.nodes:
-        if node.op != "call_function" or node.target not in (F.linear, linear_2d):
-            continue
+_LINEAR_OPS = (F.linear, torch.ops.aten.linear.default)  # (x, weight [out, in], bias)
+_MM_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)  # x @ weight [in, out]
+
+
+def _product_use(node: fx.Node) -> tuple[str, fx.Node] | None:
+    """(kind, weight node) when ``node`` multiplies by a get_attr weight we can run 2:4."""
+    if node.op != "call_function":
+        return None
+    if node.target in (*_LINEAR_OPS, linear_2d):
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        if isinstance(w, fx.Node) and w.op == "get_attr" and w.target not in out:
-            try:
-                p = module.get_parameter(w.target)
-            except AttributeError:
-                continue
-            if p.dim() == 2:
-                out.append(w.target)
-    return out
+        kind = "matmul"
+    elif node.target in _MM_OPS and not node.kwargs:
+        # mm(x, W) / addmm(bias, x, W) with a plain (beta = alpha = 1) 1-D bias
+        w = node.args[-1]
+        kind = "matmul_t"
+        if node.target is torch.ops.aten.addmm.default:
+            bias = node.args[0]
+            if len(node.args) != 3 or not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+                return None
+    else:
+        return None
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        return kind, w
+    return None
+
+
+def _matmul_params(module: nn.Module) -> dict[str, str]:
+    """2-D parameters a GraphModule multiplies by itself (not through an ``nn.Linear``):
+    ``F.linear`` / ``aten.linear`` (kind "matmul", stored ``[out, in]``) or ``aten.mm`` /
+    ``aten.addmm`` with the weight second (kind "matmul_t", stored ``[in, out]``: GPT-2's
+    ``Conv1D`` after torch.export). A parameter with any other use stays out: its stored tensor
+    is replaced by the compressed one."""
+    if not isinstance(module, fx.GraphModule):
+        return {}
+    kinds: dict[str, set[str]] = {}
+    other: set[str] = set()
+    for node in module.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            p = module.get_parameter(node.target)
+        except AttributeError:
+            continue
+        if p.dim() != 2:
+            continue
+        for user in node.users:
+            use = _product_use(user)
+            if use is None or use[1] is not node or _operand_count(user, node) != 1:
+                other.add(node.target)
+            else:
+                kinds.setdefault(node.target, set()).add(use[0])
+    return {p: next(iter(k)) for p, k in kinds.items() if p not in other and len(k) == 1}
+
+
+def _operand_count(user: fx.Node, node: fx.Node) -> int:
+    return sum(a is node for a in (*user.args, *user.kwargs.values()))
 
 
 def linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -235,13 +289,22 @@ class SemiStructuredResult:
 
 
 def _route_through_linear_2d(gm: fx.GraphModule, params: set[str]) -> None:
-    """Point the ``F.linear`` calls on the converted parameters at :func:`linear_2d`."""
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not F.linear:
+    """Point the products with the converted parameters at :func:`linear_2d` (which takes the
+    weight as ``[out, in]``, as the converted parameters now are)."""
+    for node in list(gm.graph.nodes):
+        use = _product_use(node)
+        if use is None or use[1].target not in params:
             continue
-        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        if isinstance(w, fx.Node) and w.op == "get_attr" and w.target in params:
-            node.target = linear_2d
+        kind, w = use
+        if kind == "matmul":
+            x = node.args[0] if node.args else node.kwargs["input"]
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        elif node.target is torch.ops.aten.addmm.default:
+            bias, x = node.args[0], node.args[1]
+        else:
+            bias, x = None, node.args[0]
+        node.target, node.args, node.kwargs = linear_2d, (x, w, bias), {}
+    gm.graph.lint()
     gm.recompile()
 
 
@@ -257,10 +320,11 @@ def _convert(target: nn.Module, decisions: list[SemiStructuredDecision]) -> None
     for d in decisions:
         if not d.convert:
             continue
-        if d.kind == "matmul":
+        if d.kind in ("matmul", "matmul_t"):
             owner, _, attr = d.name.rpartition(".")
             holder = target.get_submodule(owner) if owner else target
-            w = getattr(holder, attr).detach().contiguous()
+            w = getattr(holder, attr).detach()
+            w = (w.t() if d.kind == "matmul_t" else w).contiguous()  # [out, in]
             setattr(holder, attr, nn.Parameter(to_sparse_semi_structured(w), False))
             continue
         mod = target.get_submodule(d.name)
@@ -330,7 +394,7 @@ def to_semi_structured(
         SparseSemiStructuredTensor._FORCE_CUTLASS, SparseSemiStructuredTensor._FUSE_TRANSPOSE = (
             previous
         )
-    matmuls = {d.name for d in decisions if d.kind == "matmul" and d.convert}
+    matmuls = {d.name for d in decisions if d.kind in ("matmul", "matmul_t") and d.convert}
     if matmuls:
         _route_through_linear_2d(target, matmuls)
     err = None

@@ -231,3 +231,44 @@ def test_linear_2d_gives_a_row_major_output_whatever_the_kernel_returns(monkeypa
     assert not column_major(torch.randn(6, 8), torch.randn(4, 8)).is_contiguous()
     y = linear_2d(torch.randn(2, 3, 8), torch.randn(4, 8))
     assert y.shape == (2, 3, 4) and y.is_contiguous()
+
+
+def test_gpt2_conv1d_products_run_2_4_after_export():
+    # torch.export turns GPT-2's Conv1D into addmm(bias, x, W) with W stored [in, out]: the
+    # weight is the transposed operand, 2:4 along its rows (the input features)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    # an exported graph keeps its traced dtype (it casts to fp32 inside), so fp32 on CUTLASS,
+    # the one backend with fp32 kernels, whose 32-bit pattern is 1:2
+    r = nmcompile.compile(model, "asp", "1:2", example_inputs={"input_ids": ids})
+    with cpu_semi_structured():
+        res = to_semi_structured(r.module.eval(), example_inputs=(ids,), backend="cutlass")
+        kinds = {d.name: d.kind for d in res.decisions if d.convert}
+        conv1d = {s.param for s in r.sites}
+        assert conv1d <= set(kinds) and {kinds[p] for p in conv1d} == {"matmul_t"}
+        assert res.max_rel_error < 2e-2
+        targets = [n.target for n in res.module.graph.nodes if n.op == "call_function"]
+        assert targets.count(linear_2d) == len(conv1d)
+        assert torch.ops.aten.addmm.default not in targets
+
+
+def test_fp32_kernels_take_1_2_so_a_2_4_weight_stays_dense():
+    # CUTLASS's fp32 semi-structured kernel keeps 1 of every 2 elements: handing it a 2:4 weight
+    # silently drops half the kept weights (relative error ~0.4 through the stand-in)
+    lin = _sparse(nn.Linear(64, 64))
+    (d,) = plan_semi_structured(lin, dtype=torch.float32, backend="cutlass")
+    assert not d.convert and "not 1:2" in d.reason and "fp16 / bf16" in d.reason
+    with torch.no_grad():
+        lin.weight.mul_(NMPattern(1, 2).mask(lin.weight.abs()))
+    (d,) = plan_semi_structured(lin, dtype=torch.float32, backend="cutlass")
+    assert d.convert
+    with cpu_semi_structured():
+        x = torch.randn(32, 64)
+        res = to_semi_structured(lin, example_inputs=(x,), backend="cutlass")
+        assert res.max_rel_error < 1e-4
