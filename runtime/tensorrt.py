@@ -12,24 +12,48 @@ builder flag: export the ONNX in fp16 (``CompileResult.export_onnx(path, dtype=t
 for sparse tensor cores. On TensorRT 10 an fp16 file is built strongly typed too; ``fp16=True``
 (weak typing, 10.x only) lets TensorRT pick fp16 kernels for an fp32 file.
 
+An fp32 file built with ``sparse=True`` runs no 2:4 kernel: sparse tensor cores take fp16, bf16,
+int8 or fp8 inputs, TensorRT 11 keeps an fp32 network in fp32, and TensorRT 10 without
+``fp16=True`` runs it in fp32/TF32 (TensorRT's sparsity guide asks for FP16 or INT8 precision;
+TF32 is not among them). ``build_engine`` warns (``NMCompileWarning``) and records the reason
+in ``EngineBuild.notes`` rather than let an all-dense engine pass for a sparse one.
+
+TensorRT keeps the first ``ILogger`` a process gives it and ignores every later one, so the
+module owns one logger, created on first use and shared by every Builder, OnnxParser and
+Runtime. It drops VERBOSE messages at once (recording them slows a build), forwards WARNING
+and ERROR to Python logging (``nmcompile.tensorrt``), and lets ``build_engine`` capture just
+the messages of its own build, which hold TensorRT's "(Sparsity)" report.
+
+``TrtRunner`` enqueues on its own CUDA stream (``runner.stream``) and orders it against the
+caller's stream both ways, so a timing harness can record events on it and outputs are safe to
+read on the caller's stream.
+
 ``tensorrt`` is imported lazily; without it every entry point raises ``TensorRTNotAvailable``
 naming the package and how to install it. ``trtexec_command`` gives the equivalent command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shlex
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nmcompile._errors import ConfigError, NMCompileError, OnnxFileError
+from nmcompile._errors import ConfigError, NMCompileError, NMCompileWarning, OnnxFileError
 from nmcompile._io import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "EngineBuild",
@@ -56,7 +80,7 @@ class TensorRTNotAvailable(NMCompileError, ImportError):
     """The ``tensorrt`` package is missing (or cannot find a GPU)."""
 
 
-def _import_trt():
+def _import_trt() -> Any:
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -66,6 +90,85 @@ def _import_trt():
 
 def trt_major(trt: Any) -> int:
     return int(str(getattr(trt, "__version__", "10")).split(".")[0])
+
+
+# -- the process's one TensorRT logger -------------------------------------------------------------
+# ILogger::Severity values (NvInferRuntimeBase.h, unchanged since TensorRT 5); the Python enum
+# is bound with py::arithmetic, so int(severity) gives them.
+_INTERNAL_ERROR, _ERROR, _WARNING, _INFO = 0, 1, 2, 3
+_RECENT = 500  # messages kept for error reports: a long-lived process must not grow without end
+# TensorRT's INFO is hundreds of lines a build: Python DEBUG, so an app logging at INFO stays quiet
+_PY_LEVEL = {
+    _INTERNAL_ERROR: logging.CRITICAL,
+    _ERROR: logging.ERROR,
+    _WARNING: logging.WARNING,
+    _INFO: logging.DEBUG,
+}
+_log = logging.getLogger("nmcompile.tensorrt")
+_LOGGER: Any = None
+_LOGGER_LOCK = threading.Lock()
+
+
+def _trt_logger(trt: Any) -> Any:
+    """The process's one TensorRT logger (a ``trt.ILogger``), created on first use.
+
+    TensorRT keeps the first logger a process hands to a Builder, Runtime or Refitter and
+    ignores later ones: with a logger per build and another per runner, a build after a
+    ``TrtRunner`` logged into the runner's and its "(Sparsity)" report came back empty. It is a
+    module global also because TensorRT holds a raw pointer to it for the life of the process.
+    """
+    global _LOGGER
+    with _LOGGER_LOCK:
+        if _LOGGER is None:
+            _LOGGER = _make_logger(trt)
+        return _LOGGER
+
+
+def _make_logger(trt: Any) -> Any:
+    class _Logger(trt.ILogger):
+        """Keeps INFO and above: the last ``_RECENT`` messages, and every message while a
+        ``capture()`` is open. VERBOSE is dropped on arrival."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self._lock = threading.Lock()  # TensorRT calls log() from its own threads
+            self.recent: deque[tuple[int, str]] = deque(maxlen=_RECENT)
+            self._captures: list[list[tuple[int, str]]] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            # called from C++ inside a noexcept function: an exception escaping here would
+            # terminate the process, so none may
+            with contextlib.suppress(Exception):
+                level = int(severity)
+                if level > _INFO:
+                    return
+                text = str(msg)
+                with self._lock:
+                    self.recent.append((level, text))
+                    for sink in self._captures:
+                        sink.append((level, text))
+                _log.log(_PY_LEVEL.get(level, logging.ERROR), "TensorRT: %s", text)
+
+        @contextlib.contextmanager
+        def capture(self) -> Iterator[list[tuple[int, str]]]:
+            """``(severity, message)`` pairs logged while the block runs, from any thread:
+            TensorRT's log has no owner, so two builds at once see each other's lines."""
+            sink: list[tuple[int, str]] = []
+            with self._lock:
+                self._captures.append(sink)
+            try:
+                yield sink
+            finally:
+                with self._lock:
+                    self._captures = [c for c in self._captures if c is not sink]
+
+    return _Logger()
+
+
+def _errors(messages: Sequence[tuple[int, str]], last: int = 5) -> str:
+    """The error lines of ``messages`` (else its last lines), for an exception message."""
+    errors = [text for level, text in messages if level <= _ERROR]
+    return "; ".join((errors or [text for _, text in messages])[-last:]) or "no message logged"
 
 
 # -- engine inspector / log parsing (pure, testable without TensorRT) ----------------------------
@@ -244,8 +347,14 @@ class EngineBuild:
     sparsity_log: dict[str, list[str]]
     rows: list[dict[str, Any]] = field(default_factory=list)
     command: str = ""
+    # why this engine may run fewer sparse kernels than its weights allow (e.g. an fp32 file)
+    notes: list[str] = field(default_factory=list)
 
     def report(self) -> str:
+        """The same as :meth:`to_markdown` (the name ``CompileResult.build_engine`` documents)."""
+        return self.to_markdown()
+
+    def to_markdown(self) -> str:
         from nmcompile._report import md_table
 
         eligible = sum(1 for r in self.rows if r["eligible_2_4"])
@@ -262,6 +371,7 @@ class EngineBuild:
                 else ""
             )
             + ".",
+            *(f"\nNote: {note}" for note in self.notes),
             "",
             md_table(
                 ["ONNX node", "weight", "op", "eligible 2:4", "TensorRT layer", "sparse tactic"],
@@ -294,21 +404,56 @@ class EngineBuild:
             "sparsity_log": self.sparsity_log,
             "rows": self.rows,
             "command": self.command,
+            "notes": self.notes,
         }
 
 
-def _onnx_float_dtype(onnx_path: Path) -> str:
-    """'fp16', 'bf16' or 'fp32': the dtype of the model's floating-point initializers."""
+def _onnx_precision(onnx_path: Path) -> tuple[str, bool]:
+    """('fp16' | 'bf16' | 'fp32', quantized): the dtype of the model's floating-point
+    initializers, and whether the file is quantized (int8 / fp8 initializers or Q/DQ nodes),
+    whose weights sparse tensor cores take whatever the float dtype around them."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     kinds = {init.data_type for init in model.graph.initializer}
     T = onnx.TensorProto
+    low = {T.INT8, T.UINT8} | {
+        getattr(T, name) for name in ("FLOAT8E4M3FN", "FLOAT8E5M2") if hasattr(T, name)
+    }
+    quantized = bool(kinds & low) or any(
+        n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node
+    )
     if T.FLOAT16 in kinds:
-        return "fp16"
+        return "fp16", quantized
     if T.BFLOAT16 in kinds:
-        return "bf16"
-    return "fp32"
+        return "bf16", quantized
+    return "fp32", quantized
+
+
+def _onnx_float_dtype(onnx_path: Path) -> str:
+    """'fp16', 'bf16' or 'fp32': the dtype of the model's floating-point initializers."""
+    return _onnx_precision(onnx_path)[0]
+
+
+def _dense_fp32_note(onnx_path: Path, trt_version: str, major: int) -> str:
+    """Why an fp32 file built with sparse weights gets no 2:4 kernel, and the fix."""
+    fix = (
+        "export the model in fp16 (`result.export_onnx(path, dtype=torch.float16)`) and build "
+        "that file"
+    )
+    if major >= 11:
+        return (
+            f"{onnx_path} has fp32 weights: TensorRT {trt_version} builds every network strongly "
+            "typed, so its layers run in fp32 and no 2:4 sparse kernel can run (sparse tensor "
+            f"cores take fp16/bf16/int8/fp8 inputs); sparse=True only adds build time. To run "
+            f"sparse, {fix}."
+        )
+    return (
+        f"{onnx_path} has fp32 weights and fp16=False: TensorRT {trt_version} runs its layers in "
+        "fp32/TF32, and TensorRT's sparsity guide asks for FP16 or INT8 precision for 2:4 sparse "
+        "tactics (TF32 is not among them), so no sparse kernel is expected to run. To run sparse, "
+        f"{fix}, or pass fp16=True to let TensorRT 10 choose fp16 kernels for this file."
+    )
 
 
 def trtexec_command(
@@ -349,80 +494,93 @@ def build_engine(
     fp16: bool = False,
     pattern: str = "2:4",
 ) -> EngineBuild:
-    """Build a TensorRT plan from ``onnx_path`` (see the module docstring)."""
+    """Build a TensorRT plan from ``onnx_path`` (see the module docstring).
+
+    Warns (``NMCompileWarning``, also in ``EngineBuild.notes``) when ``sparse`` cannot give
+    sparse kernels because the file is fp32. ``sparsity_log`` holds only the "(Sparsity)" lines
+    logged during this build.
+    """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise OnnxFileError(f"ONNX file {str(onnx_path)!r} does not exist")
     trt = _import_trt()
     major = trt_major(trt)
-    dtype = _onnx_float_dtype(onnx_path)
+    dtype, quantized = _onnx_precision(onnx_path)
     if fp16 and major >= 11:
         raise ConfigError(
             "TensorRT 11 is strongly typed and has no FP16 builder flag: export the model in fp16 "
             "(result.export_onnx(path, dtype=torch.float16)) and build that file"
         )
+    notes: list[str] = []
+    # said before the build, which takes minutes; fp16=True is refused on 11 above
+    if sparse and dtype == "fp32" and not quantized and not fp16:
+        notes.append(_dense_fp32_note(onnx_path, str(trt.__version__), major))
+        warnings.warn(notes[-1], NMCompileWarning, stacklevel=2)
     from .onnx_check import check_onnx
 
     nm_report = check_onnx(onnx_path, pattern)
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            self.messages.append(str(msg))
-
-    logger = _Logger()
-    builder = trt.Builder(logger)
-    flags = 0
-    strongly_typed = dtype in ("fp16", "bf16") and not fp16
-    if (
-        strongly_typed
-        and major < 11
-        and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    ):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise NMCompileError(f"TensorRT's ONNX parser rejected {onnx_path}: {'; '.join(errors)}")
-    config = builder.create_builder_config()
-    if sparse:
-        if not hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
+    logger = _trt_logger(trt)
+    with logger.capture() as messages:
+        builder = trt.Builder(logger)
+        flags = 0
+        strongly_typed = dtype in ("fp16", "bf16") and not fp16
+        if (
+            strongly_typed
+            and major < 11
+            and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+        ):
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise NMCompileError(
-                f"this TensorRT ({trt.__version__}) exposes no BuilderFlag.SPARSE_WEIGHTS; build "
-                "with trtexec --sparsity=enable instead"
+                f"TensorRT's ONNX parser rejected {onnx_path}: {'; '.join(errors)}"
             )
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if workspace:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    cache = None
-    if timing_cache:
-        blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, False)
-    t0 = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    build_s = time.perf_counter() - t0
-    if plan is None:
-        tail = "; ".join(logger.messages[-5:])
-        raise NMCompileError(f"TensorRT could not build an engine from {onnx_path}: {tail}")
-    with atomic_path(engine_path, what="TensorRT plan") as tmp:
-        tmp.write_bytes(bytes(plan))
-    if cache is not None:
-        with atomic_path(timing_cache, what="timing cache") as tmp:
-            tmp.write_bytes(bytes(cache.serialize()))
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(bytes(plan))
-    inspector = engine.create_engine_inspector()
-    info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+        config = builder.create_builder_config()
+        if sparse:
+            if not hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
+                raise NMCompileError(
+                    f"this TensorRT ({trt.__version__}) exposes no BuilderFlag.SPARSE_WEIGHTS; "
+                    "build with trtexec --sparsity=enable instead"
+                )
+            config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        if workspace:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        cache = None
+        if timing_cache:
+            blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+            cache = config.create_timing_cache(blob)
+            config.set_timing_cache(cache, False)
+        t0 = time.perf_counter()
+        plan = builder.build_serialized_network(network, config)
+        build_s = time.perf_counter() - t0
+        if plan is None:
+            raise NMCompileError(
+                f"TensorRT could not build an engine from {onnx_path}: {_errors(messages)}"
+            )
+        with atomic_path(engine_path, what="TensorRT plan") as tmp:
+            tmp.write_bytes(bytes(plan))
+        if cache is not None:
+            with atomic_path(timing_cache, what="timing cache") as tmp:
+                tmp.write_bytes(bytes(cache.serialize()))
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(bytes(plan))
+        if engine is None:
+            raise NMCompileError(
+                f"TensorRT built {onnx_path} and wrote the plan to {engine_path}, but could not "
+                f"load it back to inspect its layers: {_errors(messages)}. The plan file is "
+                "kept and may be sound: if TensorRT ran short of GPU memory, free some and load "
+                f"it with TrtRunner({str(engine_path)!r}) or `trtexec --loadEngine={engine_path}`"
+                "; otherwise delete it and rebuild"
+            )
+        inspector = engine.create_engine_inspector()
+        info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     layers, io = parse_engine_info(info)
-    log = parse_sparsity_log(logger.messages)
+    log = parse_sparsity_log(text for _, text in messages)
     build = EngineBuild(
         engine_path=engine_path,
         onnx_path=onnx_path,
@@ -442,6 +600,7 @@ def build_engine(
             timing_cache=timing_cache,
             trt_version=major,
         ),
+        notes=notes,
     )
     with atomic_path(engine_path.with_suffix(".layers.json"), what="engine layer info") as tmp:
         tmp.write_text(info if isinstance(info, str) else json.dumps(info))
@@ -450,7 +609,18 @@ def build_engine(
 
 # -- run -------------------------------------------------------------------------------------------
 class TrtRunner:
-    """Runs a serialized engine on CUDA tensors with ``execute_async_v3`` on torch's stream."""
+    """Runs a serialized engine on CUDA tensors with ``execute_async_v3`` on its own stream.
+
+    ``runner.stream`` is a ``torch.cuda.Stream`` on the device that was current when the runner
+    was made; every call enqueues the engine there. Called from another stream (the default
+    one, say), the runner first makes its stream wait for the caller's current stream (where
+    the inputs were written) and afterwards makes the caller's stream wait for its own, so the
+    outputs can be read on the caller's stream with no synchronize; a call from a different
+    stream than the last call's also waits for that one, which may still read the outputs this
+    call overwrites. A timing harness that wants the engine alone records its CUDA events on
+    ``runner.stream`` and calls the runner inside ``with torch.cuda.stream(runner.stream):``,
+    where no wait is added.
+    """
 
     def __init__(self, engine: str | os.PathLike | bytes) -> None:
         trt = _import_trt()
@@ -459,34 +629,30 @@ class TrtRunner:
         if not torch.cuda.is_available():
             raise TensorRTNotAvailable("TrtRunner needs a CUDA GPU; none is visible to torch")
         data = engine if isinstance(engine, bytes) else Path(engine).read_bytes()
-
-        class _Quiet(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-
-            def log(self, severity: Any, msg: str) -> None:
-                pass
-
-        self._logger = _Quiet()
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(data)
+        logger = _trt_logger(trt)
+        self._runtime = trt.Runtime(logger)
+        with logger.capture() as messages:
+            self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise NMCompileError(
-                "TensorRT could not deserialize the engine (built by another "
-                "TensorRT version or GPU?)"
+                "TensorRT could not deserialize the engine (built by another TensorRT version "
+                f"or for another GPU? rebuild it here): {_errors(messages)}"
             )
         self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self._device = self.stream.device
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self._dtype = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self._buffers: dict[str, torch.Tensor] = {}
+        self._last_caller: torch.cuda.Stream | None = None
 
-    def input_dtype(self, i: int = 0):
+    def input_dtype(self, i: int = 0) -> torch.dtype:
         """The torch dtype of input ``i`` (cast inputs to it once, outside a timing loop)."""
         return self._dtype[self.inputs[i]]
 
-    def __call__(self, *inputs: Any) -> list[Any]:
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Run the engine. The outputs are the runner's own buffers, reused by the next call:
         clone them to keep them."""
         import torch
@@ -495,27 +661,46 @@ class TrtRunner:
             raise ValueError(
                 f"engine takes {len(self.inputs)} inputs ({self.inputs}), got {len(inputs)}"
             )
-        keep = []
-        for name, x in zip(self.inputs, inputs):
-            x = x.to(device="cuda", dtype=self._dtype[name]).contiguous()
-            keep.append(x)
-            self.context.set_input_shape(name, tuple(x.shape))
-            self.context.set_tensor_address(name, x.data_ptr())
-        outs = []
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            buf = self._buffers.get(name)
-            if buf is None or tuple(buf.shape) != shape:
-                buf = torch.empty(shape, dtype=self._dtype[name], device="cuda")
-                self._buffers[name] = buf
-            self.context.set_tensor_address(name, buf.data_ptr())
-            outs.append(buf)
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+        caller = torch.cuda.current_stream(self._device)
+        # casts run on the caller's stream; the wait below orders them before the engine, and
+        # the caller's wait after it keeps their memory from being reused while the engine reads
+        xs = [
+            x.to(device=self._device, dtype=self._dtype[name]).contiguous()
+            for name, x in zip(self.inputs, inputs)
+        ]
+        handoff = caller != self.stream
+        if handoff:
+            self.stream.wait_stream(caller)
+        last, self._last_caller = self._last_caller, caller
+        if last is not None and last != caller and last != self.stream:
+            # the last call's caller may still be reading the outputs this call overwrites
+            self.stream.wait_stream(last)
+        with torch.cuda.stream(self.stream):
+            for name, x in zip(self.inputs, xs):
+                self.context.set_input_shape(name, tuple(x.shape))
+                self.context.set_tensor_address(name, x.data_ptr())
+            outs = []
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                buf = self._buffers.get(name)
+                if buf is None or tuple(buf.shape) != shape:
+                    # allocated from the runner's stream pool, which only this stream reuses
+                    buf = torch.empty(shape, dtype=self._dtype[name], device=self._device)
+                    self._buffers[name] = buf
+                self.context.set_tensor_address(name, buf.data_ptr())
+                outs.append(buf)
+            ok = self.context.execute_async_v3(self.stream.cuda_stream)
+        if handoff:
+            caller.wait_stream(self.stream)
+            for buf in outs:
+                # read on the caller's stream: not freed (runner dropped) before those reads
+                buf.record_stream(caller)
+        if not ok:
             raise NMCompileError("TensorRT execute_async_v3 failed")
         return outs
 
 
-def _torch_dtype(trt: Any, dt: Any):
+def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
     import torch
 
     table = {

@@ -9,10 +9,13 @@ decisions (which flags it sets, what it refuses, what it writes); it produces no
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,10 +24,12 @@ import torchvision
 from torch import nn
 
 import nmcompile
-from nmcompile import ConfigError, NMCompileError, NMPattern, OnnxFileError
+import nmcompile.runtime.tensorrt as trt_module
+from nmcompile import ConfigError, NMCompileError, NMCompileWarning, NMPattern, OnnxFileError
 from nmcompile.runtime import check_onnx
 from nmcompile.runtime.tensorrt import (
     TensorRTNotAvailable,
+    TrtRunner,
     build_engine,
     parse_engine_info,
     parse_sparsity_log,
@@ -175,10 +180,27 @@ class _Flag:
         return self.value
 
 
-def _fake_trt(version: str, plan: bytes | None = b"PLAN", info: dict | None = None):
-    calls: dict = {"flags": set(), "network_flags": None, "pool": None}
+def _fake_trt(
+    version: str,
+    plan: bytes | None = b"PLAN",
+    info: dict | None = None,
+    loadable: bool = True,
+):
+    # like TensorRT, the fake keeps the first logger it is given and logs only to that one
+    calls: dict = {
+        "flags": set(),
+        "network_flags": None,
+        "pool": None,
+        "loggers": [],
+        "executed": [],
+        "events": [],
+    }
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
+
+    def keep(logger):
+        calls["loggers"].append(logger)
+        return calls["loggers"][0]
 
     class ILogger:
         def __init__(self) -> None:
@@ -213,7 +235,7 @@ def _fake_trt(version: str, plan: bytes | None = b"PLAN", info: dict | None = No
 
     class Builder:
         def __init__(self, logger):
-            self.logger = logger
+            self.logger = keep(logger)
 
         def create_network(self, flags=0):
             calls["network_flags"] = flags
@@ -223,17 +245,40 @@ def _fake_trt(version: str, plan: bytes | None = b"PLAN", info: dict | None = No
             return Config()
 
         def build_serialized_network(self, network, config):
+            # severities as ILogger::Severity: 2 WARNING, 3 INFO, 4 VERBOSE
+            self.logger.log(4, "(Sparsity) Layers eligible for sparse math: verbose_only")
+            self.logger.log(2, "fake warning from the builder")
             self.logger.log(3, "[I] [TRT] (Sparsity) Layers eligible for sparse math: x")
             return plan
 
     class OnnxParser:
         def __init__(self, network, logger):
+            keep(logger)
             self.num_errors = 0
 
         def parse_from_file(self, path):
             return True
 
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+
+    class Context:
+        def set_input_shape(self, name, shape):
+            calls["events"].append(("shape", name, shape))
+            return True
+
+        def set_tensor_address(self, name, ptr):
+            return True
+
+        def get_tensor_shape(self, name):
+            return (2, 3)
+
+        def execute_async_v3(self, stream_handle):
+            calls["events"].append(("execute", stream_handle))
+            return True
+
     class Engine:
+        num_io_tensors = 2
+
         def create_engine_inspector(self):
             return types.SimpleNamespace(
                 get_engine_information=lambda fmt: json.dumps(
@@ -241,11 +286,27 @@ def _fake_trt(version: str, plan: bytes | None = b"PLAN", info: dict | None = No
                 )
             )
 
+        def create_execution_context(self):
+            return Context()
+
+        def get_tensor_name(self, i):
+            return ["input", "output"][i]
+
+        def get_tensor_mode(self, name):
+            return trt.TensorIOMode.INPUT if name == "input" else trt.TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return types.SimpleNamespace(name="FLOAT")
+
     class Runtime:
         def __init__(self, logger):
-            pass
+            self.logger = keep(logger)
 
         def deserialize_cuda_engine(self, data):
+            if not loadable:
+                self.logger.log(1, "fake error: out of device memory")
+                return None
+            self.logger.log(3, "Loaded engine size: 1 MiB")
             return Engine()
 
     trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
@@ -257,9 +318,61 @@ def fake_trt(monkeypatch):
     def install(version, **kw):
         trt, calls = _fake_trt(version, **kw)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        # a fresh process as far as the module's one TensorRT logger goes
+        monkeypatch.setattr(trt_module, "_LOGGER", None, raising=False)
+        calls["trt"] = trt
         return calls
 
     return install
+
+
+class _FakeStream:
+    """Stands in for torch.cuda.Stream: a handle, a device, and a record of the waits."""
+
+    def __init__(self, name: str, handle: int, events: list) -> None:
+        self.name, self.cuda_stream, self._events = name, handle, events
+        self.device = torch.device("cpu")
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        self._events.append(("wait", self.name, other.name))
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's stream API on a CPU-only machine: the caller runs on stream "caller"
+    (handle 111), ``torch.cuda.Stream()`` makes stream "runner" (handle 222) on the CPU, so the
+    runner's tensors are CPU tensors. Install after ``fake_trt``; returns the event list."""
+
+    def install(events: list) -> _FakeStream:
+        caller = _FakeStream("caller", 111, events)
+        current = [caller]
+
+        @contextlib.contextmanager
+        def stream(s):
+            current.append(s)
+            try:
+                yield s
+            finally:
+                current.pop()
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda: _FakeStream("runner", 222, events))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(
+            torch.Tensor, "record_stream", lambda t, s: events.append(("record", s.name))
+        )
+        return caller
+
+    return install
+
+
+def _tiny_onnx(tmp_path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 2))
+    r = nmcompile.compile(net, "asp", example_inputs=(torch.randn(2, 8),))
+    path = tmp_path / f"tiny_{str(dtype).split('.')[-1]}.onnx"
+    r.export_onnx(path, dtype=dtype)
+    return path
 
 
 def test_build_engine_decisions_trt10(fake_trt, tmp_path):
@@ -297,6 +410,122 @@ def test_failed_build_writes_no_plan(fake_trt, tmp_path):
     assert not (tmp_path / "m.plan").exists()
 
 
+def test_one_logger_serves_runner_and_builds(fake_trt, fake_cuda, tmp_path):
+    path = _tiny_onnx(tmp_path, torch.float16)
+    calls = fake_trt("10.9.0")
+    fake_cuda(calls["events"])
+    # a runner first: its logger is the one TensorRT keeps, so builds must log through it too
+    TrtRunner(b"PLAN")
+    calls["loggers"][0].log(3, "(Sparsity) Layers eligible for sparse math: outside_a_build")
+    first = build_engine(path, tmp_path / "a.plan")
+    second = build_engine(path, tmp_path / "b.plan")
+    # each build reports its own "(Sparsity)" lines: not those logged outside it, not the
+    # other build's, and not the VERBOSE ones, which are dropped
+    assert first.sparsity_log["eligible"] == ["x"]
+    assert second.sparsity_log["eligible"] == ["x"]
+    loggers = calls["loggers"]
+    assert len(loggers) == 7  # Runtime; Builder, OnnxParser, Runtime per build
+    assert all(logger is loggers[0] for logger in loggers)
+    assert isinstance(loggers[0], calls["trt"].ILogger)
+
+
+def test_trt_logger_forwards_warnings_and_stays_bounded(fake_trt, tmp_path, caplog):
+    path = _tiny_onnx(tmp_path, torch.float16)
+    calls = fake_trt("10.9.0")
+    with caplog.at_level(logging.WARNING, logger="nmcompile.tensorrt"):
+        build_engine(path, tmp_path / "m.plan")
+    assert "TensorRT: fake warning from the builder" in caplog.messages
+    logger = calls["loggers"][0]
+    for i in range(trt_module._RECENT * 3):
+        logger.log(3, f"message {i}")
+    assert len(logger.recent) == trt_module._RECENT
+    assert logger.recent[-1] == (3, f"message {trt_module._RECENT * 3 - 1}")
+    logger.log(4, "verbose")
+    assert logger.recent[-1][1] != "verbose"
+
+
+def test_runner_enqueues_on_its_own_stream(fake_trt, fake_cuda):
+    calls = fake_trt("10.9.0")
+    events = calls["events"]
+    fake_cuda(events)
+    runner = TrtRunner(b"PLAN")
+    assert runner.stream.cuda_stream == 222 and runner.input_dtype(0) == torch.float32
+    (out,) = runner(torch.randn(2, 4, dtype=torch.float64))
+    assert out.shape == (2, 3) and out.dtype == torch.float32
+    # from the caller's stream: the runner's stream waits for the caller's (inputs written
+    # there), the engine runs on the runner's stream, the caller's waits for it (outputs)
+    assert events == [
+        ("wait", "runner", "caller"),
+        ("shape", "input", (2, 4)),
+        ("execute", 222),
+        ("wait", "caller", "runner"),
+        ("record", "caller"),
+    ]
+    # from the runner's own stream (a timing harness): no handoff, once the last caller's
+    # reads of the outputs are waited for
+    events.clear()
+    with torch.cuda.stream(runner.stream):
+        runner(torch.randn(2, 4))
+        runner(torch.randn(2, 4))
+    enqueue = [("shape", "input", (2, 4)), ("execute", 222)]
+    assert events == [("wait", "runner", "caller"), *enqueue, *enqueue]
+    # from a third stream, after the caller's: the caller may still read the reused outputs
+    events.clear()
+    runner(torch.randn(2, 4))
+    with torch.cuda.stream(_FakeStream("other", 333, events)):
+        runner(torch.randn(2, 4))
+    assert events[5:] == [
+        ("wait", "runner", "other"),
+        ("wait", "runner", "caller"),
+        ("shape", "input", (2, 4)),
+        ("execute", 222),
+        ("wait", "other", "runner"),
+        ("record", "other"),
+    ]
+
+
+def test_build_engine_says_when_the_written_plan_does_not_load(fake_trt, tmp_path):
+    path = _tiny_onnx(tmp_path, torch.float16)
+    fake_trt("10.9.0", loadable=False)
+    with pytest.raises(NMCompileError, match=r"wrote the plan to .*out of device memory.*kept"):
+        build_engine(path, tmp_path / "m.plan")
+    assert (tmp_path / "m.plan").read_bytes() == b"PLAN"
+
+
+def test_fp32_file_warns_it_gets_no_sparse_kernels_trt11(fake_trt, tmp_path):
+    path = _tiny_onnx(tmp_path, torch.float32)
+    fake_trt("11.1.0")
+    with pytest.warns(NMCompileWarning, match="strongly typed") as record:
+        build = build_engine(path, tmp_path / "m.plan")
+    message = str(record[0].message)
+    assert str(path) in message and "fp32" in message
+    assert "export_onnx(path, dtype=torch.float16)" in message
+    assert build.notes == [message]
+    assert build.to_json()["notes"] == [message] and message in build.to_markdown()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NMCompileWarning)
+        assert build_engine(path, tmp_path / "d.plan", sparse=False).notes == []
+        fp16 = _tiny_onnx(tmp_path, torch.float16)
+        assert build_engine(fp16, tmp_path / "h.plan").notes == []
+
+
+def test_fp32_file_warns_it_gets_no_sparse_kernels_trt10(fake_trt, tmp_path):
+    path = _tiny_onnx(tmp_path, torch.float32)
+    calls = fake_trt("10.9.0")
+    with pytest.warns(NMCompileWarning, match="fp16=False") as record:
+        build = build_engine(path, tmp_path / "m.plan")
+    message = str(record[0].message)
+    assert str(path) in message and "TF32" in message and "fp16=True" in message
+    assert "export_onnx(path, dtype=torch.float16)" in message
+    assert build.notes == [message] and build.to_json()["notes"] == [message]
+    assert calls["network_flags"] == 0  # fp32 file: weakly typed, as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NMCompileWarning)
+        # fp16=True lets TensorRT 10 pick fp16 (sparse) kernels for the fp32 file
+        assert build_engine(path, tmp_path / "h.plan", fp16=True).notes == []
+    assert calls["flags"] == {"SPARSE_WEIGHTS", "FP16"}
+
+
 # -- the real thing --------------------------------------------------------------------------------
 @pytest.mark.tensorrt
 @pytest.mark.gpu
@@ -325,13 +554,25 @@ def test_real_engine_build_and_run(tmp_path):
     )
     onnx_path = tmp_path / "wide.onnx"
     r.export_onnx(onnx_path, dtype=torch.float16)
-    build = build_engine(onnx_path, tmp_path / "wide.plan")
+    cache = tmp_path / "timing.cache"
+    build = build_engine(onnx_path, tmp_path / "wide.plan", timing_cache=cache)
     assert sum(1 for row in build.rows if row["eligible_2_4"]) == 4
+    if torch.cuda.get_device_capability() >= (8, 0):  # sparse tensor cores
+        assert build.sparsity_log["eligible"], "TensorRT's (Sparsity) lines were not captured"
     runner = TrtRunner(build.engine_path)
+    assert runner.stream != torch.cuda.current_stream()
     x = torch.randn(8, 3, 56, 56, device="cuda")
     got = runner(x)[0].float()
     ref = r.module.cuda().half().eval()(x.half()).float()
     assert float((got - ref).norm() / ref.norm()) < 2e-2
+    # called from another stream, the outputs are ready to read on that stream
+    with torch.cuda.stream(torch.cuda.Stream()):
+        side = runner(x)[0].float()
+    torch.cuda.synchronize()
+    assert torch.allclose(side, got, rtol=1e-3, atol=1e-3)
+    # a build after a runner exists still hears TensorRT's log (one logger per process)
+    again = build_engine(onnx_path, tmp_path / "again.plan", timing_cache=cache)
+    assert again.sparsity_log == build.sparsity_log
 
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed")
