@@ -198,6 +198,13 @@ class TensorLoader:
         self.dataset_size = len(x)
         self.num_samples = math.ceil(self.dataset_size / self.num_replicas)
 
+    def to(self, device: str | torch.device) -> TensorLoader:
+        """Move the stored tensors to ``device`` (in place; returns self): a GPU run then slices
+        its batches on the GPU instead of copying each one over. The order of batches does not
+        change (the permutation is drawn on the CPU generator either way)."""
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
+
     def __len__(self) -> int:
         if self.drop_last:
             return self.num_samples // self.batch_size
@@ -287,6 +294,13 @@ class Dataset:
     mean: float
     std: float
 
+    def to(self, device: str | torch.device) -> Dataset:
+        """Both splits on ``device`` (see :meth:`TensorLoader.to`); returns self.
+        :meth:`example_input` stays on the CPU, where nmcompile traces models."""
+        self.train.to(device)
+        self.val.to(device)
+        return self
+
     def example_input(self, batch: int = 1) -> Tensor:
         """The first ``batch`` validation images as a normalised float32 ``[batch, C, H, W]``.
 
@@ -298,7 +312,7 @@ class Dataset:
                 f"Dataset.example_input: batch must be an int in 1..{size} (the size of "
                 f"{self.name!r}'s validation split), got {batch!r}."
             )
-        xb = self.val.x[:batch]
+        xb = self.val.x[:batch].cpu()
         xb = self.val.transform(xb) if self.val.transform is not None else xb.clone()
         return xb.to(torch.float32)
 

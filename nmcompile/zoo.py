@@ -12,6 +12,9 @@ Models
     is a multiple of 32, so 2:4, 1:4, 2:8, 4:16 and 8:32 all apply.
 ``"mlp"``
     Flatten, Linear(C*H*W->256)+ReLU, Linear(256->128)+ReLU, Linear(128->num_classes).
+``"lenet300"``
+    LeNet-300-100, the lottery-ticket papers' MLP: Flatten, Linear(C*H*W->300)+ReLU,
+    Linear(300->100)+ReLU, Linear(100->num_classes) (784-300-100-10 on 28x28 grey images).
 ``"resnet20"``, ``"resnet56"``
     CIFAR ResNets (He et al. 2016): stem conv(C->16), three stages of 16/32/64 channels with
     3 / 9 basic blocks each, option-B shortcuts (1x1 conv + BN, real modules, when the shape
@@ -86,14 +89,17 @@ class SmallCNN(nn.Module):
         return self.classifier(self.flatten(self.features(x)))
 
 
-def _mlp(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def _mlp(
+    num_classes: int, in_channels: int, image_size: int, hidden: tuple[int, int] = (256, 128)
+) -> nn.Module:
+    a, b = hidden
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(in_channels * image_size * image_size, 256),
+        nn.Linear(in_channels * image_size * image_size, a),
         nn.ReLU(inplace=True),
-        nn.Linear(256, 128),
+        nn.Linear(a, b),
         nn.ReLU(inplace=True),
-        nn.Linear(128, num_classes),
+        nn.Linear(b, num_classes),
     )
 
 
@@ -270,6 +276,7 @@ _Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, im
 _MODELS: dict[str, _Builder] = {
     "cnn": lambda k, c, s: SmallCNN(k, c),
     "mlp": _mlp,
+    "lenet300": lambda k, c, s: _mlp(k, c, s, hidden=(300, 100)),
     "resnet20": lambda k, c, s: CifarResNet(3, k, c),
     "resnet56": lambda k, c, s: CifarResNet(9, k, c),
     "vgg16": lambda k, c, s: CifarVGG(_VGG16_CFG, k, c, s),
@@ -349,7 +356,7 @@ def create(
 ) -> nn.Module:
     """Build model ``name`` (see :func:`models`) with random weights, in train mode.
 
-    ``image_size`` is the (square) input side the model will see: it sizes ``"mlp"``'s first
+    ``image_size`` is the (square) input side the model will see: it sizes the MLPs' first
     layer, ``"vgg16"``'s pools and ``"vit_b_16"``'s position embeddings; the other models work
     for any reasonable size. Raises :class:`~nmcompile.ConfigError` for an unknown name or a bad
     option.

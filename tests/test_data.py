@@ -349,3 +349,15 @@ def test_fashion_mnist_absent(tmp_path: Path, no_system_fashion: Path) -> None:
         nmdata.load("fashion-mnist")
     msg = str(info.value)
     assert str(no_system_fashion) in msg and nmdata.FASHION_MNIST_ENV in msg
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dataset_to_device_keeps_the_batch_order(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ref = nmdata.load("digits", batch_size=32, seed=3)
+    ds = nmdata.load("digits", batch_size=32, seed=3)
+    assert ds.to(device) is ds and ds.train.x.device.type == device
+    for (xa, ya), (xb, yb) in zip(ref.train, ds.train):
+        assert torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+    assert ds.example_input(2).device.type == "cpu"  # where models are traced

@@ -11,7 +11,7 @@ from nmcompile import ConfigError, zoo
 from nmcompile import data as nmdata
 
 ALL = [
-    "cnn", "mlp", "resnet20", "resnet56", "vgg16",
+    "cnn", "mlp", "lenet300", "resnet20", "resnet56", "vgg16",
     "resnet18", "resnet50", "mobilenet_v2", "vit_b_16", "bert_base", "bert_tiny",
 ]  # fmt: skip
 IMAGE_MODELS = ALL[:-2]
@@ -20,6 +20,7 @@ IMAGE_MODELS = ALL[:-2]
 CASES = [
     ("cnn", 3, 32), ("cnn", 1, 8), ("cnn", 1, 28),
     ("mlp", 3, 32), ("mlp", 1, 8),
+    ("lenet300", 1, 28), ("lenet300", 3, 8),
     ("resnet20", 3, 32), ("resnet20", 1, 28),
     ("resnet56", 3, 32), ("resnet56", 1, 8),
     ("vgg16", 3, 32), ("vgg16", 1, 28), ("vgg16", 1, 8),
