@@ -11,11 +11,20 @@ rewound weights. Each ticket is exported to ONNX and timed with ONNX Runtime on 
 removed); regrouped tickets are timed twice: as masked dense weights and as block-sparse layers
 (``runtime/block_sparse.py``, dense GEMMs over the blocks).
 
-Claims tested: regroup >= refill at high sparsity; rewinding beats random re-initialisation.
-Finished runs are appended to a JSON-lines file, so the sweep resumes where it stopped.
+Claims tested (paper 001), on paired seeds (``benchmarks/claims.py``): regroup >= refill at high
+sparsity (Fig. 3-5); structural tickets beat random tickets (Tables A3 / A4: the refilled and
+regrouped tickets vs the same structure trained from a random re-initialisation); rewinding
+beats random re-initialisation for IMP. Finished runs are appended to a JSON-lines file, so the
+sweep resumes where it stopped and can be run in parts.
 
-    python benchmarks/structure_fashion_mnist.py              # resnet20, Fashion-MNIST (hours on CPU)
+    python benchmarks/structure_fashion_mnist.py --regime converged  # LeNet-300-100, converged rounds
+    python benchmarks/structure_fashion_mnist.py              # resnet20, Fashion-MNIST (short rounds)
     python benchmarks/structure_fashion_mnist.py --quick      # small CNN on digits (minutes)
+
+``--regime converged``: LeNet-300-100 (``prune_stem=True``), rounds whose length is shown to
+converge by ``lth_fashion_mnist.py --regime converged`` (same model, data and schedule: its
+dense runs are the evidence each claim entry carries), targets 0.5 / 0.7 / 0.8 / 0.9, latency at
+batch 64 with ONNX Runtime (CPU) and torch. ``--device cuda`` trains on a GPU.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import claims as claimlib  # benchmarks/claims.py
 import torch
 from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folder)
 
@@ -41,22 +51,36 @@ from nmcompile.runtime.block_sparse import to_block_sparse
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("imp", "imp-refill", "imp-refill+", "imp-regroup", "group-aware-imp", "random-ticket")
-REGROUPED = ("imp-regroup", "group-aware-imp")
+# a random ticket of each structural method: its final structure, trained from a random init
+RANDOM = {"random-refill": "imp-refill", "random-regroup": "imp-regroup"}
+REGROUPED = ("imp-regroup", "group-aware-imp", "random-regroup")
+CONVERGED = {
+    "model": "lenet300",
+    "dataset": "fashion-mnist",
+    "iterations": 4000,  # as lth_fashion_mnist.py --regime converged
+    "batch_size": 128,
+    "targets": "0.5,0.7,0.8,0.9",
+    "variants": "imp,imp-refill,imp-regroup,random-ticket,random-refill,random-regroup",
+    "latency_batch": 64,
+}
 
 
 def _run(args, seed: int, variant: str, target: float) -> dict[str, Any]:
     ds = data.load(args.dataset, batch_size=args.batch_size, seed=seed)
+    if args.device != "cpu":
+        ds.to(args.device)  # batches sliced on the GPU, same order
     c, h, _ = ds.input_shape
     torch.manual_seed(seed)
     model = zoo.create(args.model, num_classes=ds.num_classes, in_channels=c, image_size=h)
     trainer = SupervisedTrainer(
-        ds.train, ds.val, lr=args.lr, milestones=(0.5, 0.75), progress=False
+        ds.train, ds.val, lr=args.lr, milestones=(0.5, 0.75), progress=False, device=args.device
     )
-    method = "imp" if variant == "random-ticket" else variant
+    method = "imp" if variant == "random-ticket" else RANDOM.get(variant, variant)
     options: dict[str, Any] = {
         "seed": seed,
         "target_sparsity": target,
         "iterations_per_round": args.iterations,
+        "prune_stem": args.prune_stem,
     }
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -65,9 +89,10 @@ def _run(args, seed: int, variant: str, target: float) -> dict[str, Any]:
             model, method, example_inputs=(ds.example_input(1),), trainer=trainer, **options
         )
     accuracy = r.history[-1]["accuracy"]
-    if variant == "random-ticket":
+    if variant == "random-ticket" or variant in RANDOM:
         accuracy = _random_ticket(r, model, trainer, args.iterations, seed)
     train_s = time.perf_counter() - t0
+    model = model.cpu()
     x = ds.example_input(args.latency_batch)
     with tempfile.TemporaryDirectory() as tmp:
         files = {
@@ -79,6 +104,7 @@ def _run(args, seed: int, variant: str, target: float) -> dict[str, Any]:
             fast = to_block_sparse(copy.deepcopy(r.module).eval(), blocks)
             files["blocks"] = export_onnx(fast, (x,), Path(tmp) / "blocks.onnx", sites=()).path
         lat = ort_latency(files, (x,), warmup=5, repeat=args.latency_repeat)
+        torch_lat = _torch_latency(model, r, blocks if "blocks" in files else None, x, args)
     params = sum(p.numel() for p in r.module.parameters())
     return {
         "accuracy": accuracy,
@@ -90,11 +116,35 @@ def _run(args, seed: int, variant: str, target: float) -> dict[str, Any]:
         "latency_dense_ms": lat["dense"].median_ms,
         "latency_ticket_ms": lat["ticket"].median_ms,
         "latency_blocks_ms": lat["blocks"].median_ms if "blocks" in lat else None,
+        "latency_batch": args.latency_batch,
+        "torch_latency_ms": torch_lat,
         "blocks": sum(len(b) for b in blocks.values()),
         "layers_with_blocks": sum(bool(b) for b in blocks.values()),
         "curve": [(h["sparsity"], h["accuracy"]) for h in r.history],
         "train_s": train_s,
     }
+
+
+def _torch_latency(model, r, blocks, x, args) -> dict[str, float]:
+    """torch (CPU, eager, inference mode) medians: dense, the ticket as compiled (a refilled one
+    is physically smaller), and the regrouped one as block-sparse layers."""
+    from nmcompile.runtime.latency import time_interleaved
+
+    models = {"dense": model.eval(), "ticket": r.module.cpu().eval()}
+    if blocks:
+        models["blocks"] = to_block_sparse(copy.deepcopy(r.module).cpu().eval(), blocks)
+
+    def call(m):
+        def run():
+            with torch.inference_mode():
+                m(x)
+
+        return run
+
+    stats = time_interleaved(
+        {k: call(m) for k, m in models.items()}, warmup=5, repeat=args.latency_repeat
+    )
+    return {k: s.median_ms for k, s in stats.items()}
 
 
 def _random_ticket(r, model, trainer, iterations: int, seed: int) -> float:
@@ -118,7 +168,7 @@ def _table(runs: list[dict], targets: list[float]) -> tuple[str, dict]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     stats: dict[tuple[str, float], float] = {}
-    for variant in VARIANTS:
+    for variant in (*VARIANTS, *RANDOM):
         for target in targets:
             got = [r for r in runs if r["variant"] == variant and r["target"] == target]
             if not got:
@@ -171,7 +221,7 @@ def _plot(runs: list[dict], path: Path) -> None:
         xs = [statistics.mean(c[i][0] for c in imp_curves) for i in range(n)]
         ys = [statistics.mean(100 * c[i][1] for c in imp_curves) for i in range(n)]
         ax.plot(xs, ys, marker="o", label="imp (rounds)")
-    for variant in VARIANTS[1:]:
+    for variant in (*VARIANTS[1:], *RANDOM):
         pts = {}
         for r in runs:
             if r["variant"] == variant:
@@ -189,28 +239,80 @@ def _plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+PAPER = "Structure-LTH (001)"
+
+
+def judge_claims(runs: list[dict], targets: list[float], setting: dict, conv) -> list[dict]:
+    """Paper 001's claims per target sparsity, on paired seeds (``benchmarks/claims.py``)."""
+    entries = []
+    for t in targets:
+        per: dict[str, dict[int, float]] = {}
+        for r in runs:
+            if r["target"] == t:
+                per.setdefault(r["variant"], {})[r["seed"]] = 100 * r["accuracy"]
+        common = {
+            "paper": PAPER,
+            "model": setting["model"],
+            "dataset": setting["dataset"],
+            "setting": f"sparsity {t:.2f}",
+            "schedule": setting,
+            "per_seed": per,
+            "converged": conv,
+        }
+        if t >= 0.7:
+            entries.append(claimlib.judge(
+                **common, claim="IMP-Regroup >= IMP-Refill at high sparsity",
+                source="Fig. 3-5", a="imp-regroup", b="imp-refill"))  # fmt: skip
+        for ours, rand, table in (
+            ("imp-refill", "random-refill", "Table A3"),
+            ("imp-regroup", "random-regroup", "Table A4"),
+            ("imp", "random-ticket", "Frankle & Carbin's sanity check"),
+        ):
+            entries.append(claimlib.judge(
+                **common, claim=f"{ours} ticket beats its random ticket", source=table,
+                a=ours, b=rand, strict=True))  # fmt: skip
+    return [e for e in entries if e is not None]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--regime", choices=["short", "converged"], default="short")
     ap.add_argument("--model", default=None)
     ap.add_argument("--dataset", default=None)
-    ap.add_argument("--targets", default="0.5,0.8")
+    ap.add_argument("--targets", default=None)
+    ap.add_argument("--variants", default=None)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--latency-batch", type=int, default=1)
+    ap.add_argument("--prune-stem", action="store_true", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--latency-batch", type=int, default=None)
     ap.add_argument("--latency-repeat", type=int, default=30)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    args.model = args.model or ("cnn" if args.quick else "resnet20")
-    args.dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
-    args.iterations = args.iterations or (40 if args.quick else 60)
-    args.batch_size = args.batch_size or (64 if args.quick else 128)
-    tag = "structure_quick" if args.quick else "structure_fashion_mnist"
+    conv_regime = args.regime == "converged"
+    pre = CONVERGED if conv_regime else {}
+    args.model = args.model or pre.get("model") or ("cnn" if args.quick else "resnet20")
+    args.dataset = (
+        args.dataset or pre.get("dataset") or ("digits" if args.quick else "fashion-mnist")
+    )
+    args.iterations = args.iterations or pre.get("iterations") or (40 if args.quick else 60)
+    args.batch_size = args.batch_size or pre.get("batch_size") or (64 if args.quick else 128)
+    args.latency_batch = args.latency_batch or pre.get("latency_batch") or 1
+    args.prune_stem = conv_regime if args.prune_stem is None else args.prune_stem
+    variants = (args.variants or pre.get("variants") or ",".join(VARIANTS)).split(",")
+    unknown = [v for v in variants if v not in VARIANTS and v not in RANDOM]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {', '.join((*VARIANTS, *RANDOM))}")
+    tag = "structure_converged" if conv_regime else (
+        "structure_quick" if args.quick else "structure_fashion_mnist")  # fmt: skip
+    if args.device != "cpu":
+        tag += f"_{args.device.split(':')[0]}"
     out = Path(args.out or RESULTS / f"{tag}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    targets = [float(t) for t in args.targets.split(",")]
+    targets = [float(t) for t in (args.targets or pre.get("targets") or "0.5,0.8").split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     setting = {
         "model": args.model,
@@ -219,16 +321,20 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
     }
+    if args.prune_stem:  # new key only when set: the short regime's logged runs keep matching
+        setting["prune_stem"] = True
     log = RunLog(out, setting)
-    runs = log.runs
+    runs = [r for r in log.runs if r["seed"] in seeds]
     done = log.done(lambda r: (r["seed"], r["variant"], r["target"]))
-    jobs = [(s, "imp", max(targets)) for s in seeds]
-    jobs += [(s, v, t) for s in seeds for v in VARIANTS[1:] for t in targets]
+    jobs = [(s, "imp", max(targets)) for s in seeds if "imp" in variants]
+    jobs += [(s, v, t) for s in seeds for v in variants if v != "imp" for t in targets]
     for seed, variant, target in jobs:
         if (seed, variant, target) in done:
             continue
         res = _run(args, seed, variant, target)
-        log.append({"seed": seed, "variant": variant, "target": target, **res})
+        row = {"seed": seed, "variant": variant, "target": target, **res}
+        log.append(row)
+        runs.append({**row, "setting": setting})
         print(
             f"seed {seed} {variant:11s} target {target:.2f}: acc {100 * res['accuracy']:.2f}% "
             f"sparsity {res['sparsity']:.3f} params {res['params']:,} ORT "
@@ -245,10 +351,20 @@ def main() -> None:
                     runs.append({**r, "target": t, "sparsity": pts[-1][0], "accuracy": pts[-1][1]})
     table, claims = _table(runs, targets)
     _plot(runs, out.with_suffix(".png"))
-    summary = {"machine": machine_info(), "setting": setting, "claims": claims, "table": table}
+    conv = claimlib.convergence_from_log(RESULTS / "lth_converged.jsonl", setting, seeds)
+    entries = judge_claims(runs, targets, setting, conv)
+    summary = {
+        "machine": machine_info(),
+        "setting": setting,
+        "claims": claims,
+        "paired_claims": entries,
+        "table": table,
+    }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table)
-    print(json.dumps(claims, indent=2))
+    print(claimlib.markdown(entries))
+    if entries and not args.quick:
+        claimlib.update(entries)
 
 
 if __name__ == "__main__":
