@@ -57,7 +57,7 @@ REGROUPED = ("imp-regroup", "group-aware-imp", "random-regroup")
 CONVERGED = {
     "model": "lenet300",
     "dataset": "fashion-mnist",
-    "iterations": 4000,  # as lth_fashion_mnist.py --regime converged
+    "iterations": 8000,  # as lth_fashion_mnist.py --regime converged
     "batch_size": 128,
     "targets": "0.5,0.7,0.8,0.9",
     "variants": "imp,imp-refill,imp-regroup,random-ticket,random-refill,random-regroup",
