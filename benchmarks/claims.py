@@ -225,6 +225,22 @@ def write_results_md(entries: Sequence[Mapping[str, Any]], path: Path = RESULTS_
     path.write_text(text)
 
 
+def write_summary(
+    path: Path, setting: Mapping[str, Any], legacy: Mapping[str, Any], entries: Sequence, table: str
+) -> None:
+    """A benchmark's JSON summary: machine, setting, its own claim flags, the paired entries."""
+    from nmcompile._machine import machine_info
+
+    body = {
+        "machine": machine_info(),
+        "setting": dict(setting),
+        "claims": dict(legacy),
+        "paired_claims": list(entries),
+        "table": table,
+    }
+    Path(path).write_text(json.dumps(body, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     entries = load()
     if not entries:

@@ -32,7 +32,6 @@ pool is cleared.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -45,7 +44,6 @@ from _runlog import RunLog, result_row  # benchmarks/_runlog.py (scripts run fro
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
-from nmcompile._machine import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("dense", "asp", "eb", "mimp", "mimp-high", "mimp-rand", "lmimp")
@@ -347,14 +345,9 @@ def main() -> None:
     runs = [r for r in log.runs if r["seed"] in seeds]
     table, claims = summarise(runs, patterns, seeds)
     entries = judge_claims(runs, patterns, setting)
-    summary = {
-        "machine": machine_info(),
-        "setting": setting,
-        "claims": claims,
-        "paired_claims": entries,
-        "table": table,
-    }
-    Path(str(out).replace(".jsonl", ".json")).write_text(json.dumps(summary, indent=2) + "\n")
+    claimlib.write_summary(
+        Path(str(out).replace(".jsonl", ".json")), setting, claims, entries, table
+    )
     print(table)
     print(claimlib.markdown(entries))
     if entries and not quick:

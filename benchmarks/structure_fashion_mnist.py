@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -45,7 +44,6 @@ from _runlog import RunLog  # benchmarks/_runlog.py (scripts run from this folde
 
 import nmcompile
 from nmcompile import SupervisedTrainer, data, zoo
-from nmcompile._machine import machine_info
 from nmcompile.runtime import export_onnx, ort_latency
 from nmcompile.runtime.block_sparse import to_block_sparse
 
@@ -353,14 +351,7 @@ def main() -> None:
     _plot(runs, out.with_suffix(".png"))
     conv = claimlib.convergence_from_log(RESULTS / "lth_converged.jsonl", setting, seeds)
     entries = judge_claims(runs, targets, setting, conv)
-    summary = {
-        "machine": machine_info(),
-        "setting": setting,
-        "claims": claims,
-        "paired_claims": entries,
-        "table": table,
-    }
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    claimlib.write_summary(out.with_suffix(".json"), setting, claims, entries, table)
     print(table)
     print(claimlib.markdown(entries))
     if entries and not args.quick:
