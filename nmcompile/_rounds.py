@@ -7,10 +7,12 @@ Regroup), after Algorithm 1 of Chen et al. 2022 and Algorithm 1 of the mIMP pape
     stop:     when the method says its target is reached; the last round trains the final ticket
 
 Each round closes with one ``history`` record (round, sparsity, accuracy, cumulative training
-FLOPs, iterations, wall time, plus the method's keys). After every pruning step, and once more at
-the end, the whole run state is checkpointed atomically to ``checkpoint_dir``;
-``resume=True`` continues from the newest good checkpoint and ends with the masks an
-uninterrupted run would have produced.
+FLOPs, iterations, wall time, plus the method's keys: the facts of the pruning step before the
+round, from ``propose``, and of the round's training, from ``round_report``, e.g. its early-bird
+checks). After every pruning step, and once more at the end, the whole run state, history
+included, is checkpointed atomically to ``checkpoint_dir``; ``resume=True`` continues from the
+newest good checkpoint and ends with the masks and history an uninterrupted run would have
+produced.
 
 The engine also keeps the mask produced by every pruning step (bit-packed) for the diagnostics of
 the mIMP paper's Figure 3: the average Hamming distance between the masks of every pair of rounds.
@@ -133,6 +135,11 @@ class RoundMethod:
     def step_hook(self, engine: RoundEngine, round_index: int) -> OnStep | None:
         """An ``on_step`` callback for the training of ``round_index`` (early stopping), or None."""
         return None
+
+    def round_report(self, engine: RoundEngine, round_index: int) -> dict[str, Any]:
+        """Keys for the history record of ``round_index``, called once its training ended (what
+        the ``step_hook`` saw: early-bird checks, the stop). Plain JSON values only."""
+        return {}
 
     def finish(self, engine: RoundEngine) -> dict[str, Any]:
         """Diagnostics computed at the end of the run (stored in ``CompileResult.diagnostics``)."""
@@ -308,7 +315,11 @@ class RoundEngine:
         hook = on_step if on_step is not None else self.method.step_hook(self, round_index)
         steps = self.session.train(iterations, hook)
         stopped = steps < iterations and self.session.trainer is not None
-        return {"round_iterations": steps, "stopped_early": stopped}
+        return {
+            "round_iterations": steps,
+            "stopped_early": stopped,
+            **self.method.round_report(self, round_index),
+        }
 
     def _rewind(self) -> None:
         if self.config.rewind == "reinit":

@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,14 @@ from nmcompile import (
     data,
     zoo,
 )
-from nmcompile._methods.lottery import plp_scores
+from nmcompile._methods.lottery import (
+    _MIMP,
+    LMIMPConfig,
+    early_bird_distance,
+    lmimp_flops_bound,
+    mimp_pool_schedule,
+    plp_scores,
+)
 from nmcompile._pattern import nm_group_counts
 from nmcompile.passes import check_nm
 
@@ -246,8 +254,15 @@ def test_lmimp_reaches_exact_nm_with_fewer_flops_than_mimp():
     assert lm.history[-1]["round_iterations"] == 20 - lm.config.rewind_at
 
 
-def test_early_bird_stops_a_round_when_masks_stop_changing():
-    # frozen weights: the proposed mask is the same at every check -> stop at the second check
+def _layer_mean(a: dict, b: dict) -> float:
+    return sum(float((a[k] != b[k]).float().mean()) for k in a) / len(a)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_early_bird_b_last_carries_over_rounds_as_algorithm_2_says(reset):
+    # frozen weights: every check proposes the mask the round's pruning step will apply.
+    # Alg. 2 never resets B_last, so a round's first check compares with the mask it trains
+    # under (the step's own prune); eb_reset_last=True only records at the first check.
     trainer = RecordingTrainer(freeze=True)
     r = nmcompile.compile(
         _net(),
@@ -260,35 +275,244 @@ def test_early_bird_stops_a_round_when_masks_stop_changing():
         plp_start_round=1,
         eb_start_round=1,
         rewind_iteration=0,
+        eb_reset_last=reset,
     )
-    eb_rounds = [h for h in r.history[1:-1]]
-    assert eb_rounds and all(h["stopped_early"] and h["round_iterations"] == 10 for h in eb_rounds)
-    assert r.history[0]["round_iterations"] == 40  # before eb_start_round: the full round
+    assert r.history[0]["round_iterations"] == 40 and r.history[0]["eb_checks"] == []
+    eb_rounds = r.history[1:-1]
+    assert eb_rounds
+    for h in eb_rounds:
+        i = h["round"]
+        step = _layer_mean(trainer.calls[i]["masks"], trainer.calls[i + 1]["masks"])
+        (it0, first), *rest = h["eb_checks"]
+        assert it0 == 5
+        if reset:
+            assert first is None
+        else:
+            assert first == pytest.approx(step)
+        stop = 5 if first is not None and first < 0.1 else 10
+        assert h["eb_stop_iteration"] == stop == h["round_iterations"]
+        assert h["stopped_early"]
+        if stop == 10:
+            assert rest == [[10, 0.0]]
+    if not reset:  # some round's own step is below beta: it stopped at its first check
+        assert any(h["eb_stop_iteration"] == 5 for h in eb_rounds)
+    final = r.history[-1]
+    assert final["eb_checks"] == [] and final["eb_stop_iteration"] is None
+    assert not final["stopped_early"]
 
 
-def test_early_bird_does_not_stop_while_masks_change():
-    class Shaker(RecordingTrainer):
-        def train(self, model, iterations, on_step=None):
-            for i in range(iterations):
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p.copy_(torch.randn_like(p))  # a new ranking at every step
-                if on_step is not None and on_step(StepInfo(i + 1, 8, torch.zeros(()), 0.1)):
-                    break
-            self.calls.append({"iterations": iterations})
+class _OneLayerEngine:
+    """What ``propose`` reads of a RoundEngine, for one 2:4 layer."""
 
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.session = SimpleNamespace(
+            pattern=NMPattern(2, 4), sites=[SimpleNamespace(param="w", group_axis=1)]
+        )
+        self.mask, self.weight, self.round = mask, mask.float(), 0
+        self.total_weights = mask.numel()
+
+    def masks(self):
+        return {"w": self.mask}
+
+    def weights(self):
+        return {"w": self.weight}
+
+
+def test_pool_distance_can_fail_to_fire_where_the_layer_mean_cannot():
+    # Two unrelated random weight draws at 2:4 pruning step 4: the candidates differ in almost
+    # every weight the step drops, yet the layer-mean distance (Alg. 2) is under beta = 0.1,
+    # since the step drops only 0.2 * 0.256 of the weights. Pool-normalised, it is ~0.37.
+    gen = torch.Generator().manual_seed(0)
+    method = _MIMP(LMIMPConfig(plp_start_round=99), plp=True, early_bird=True)
+    engine = _OneLayerEngine(torch.ones(256, 256, dtype=torch.bool))
+    engine.weight = torch.randn(256, 256, generator=gen)
+    for step in range(3):
+        engine.round = step
+        engine.mask = method.propose(engine)[0]["w"]
+    engine.round = 3  # the 4th pruning step
+    candidates = []
+    for _ in range(2):
+        engine.weight = torch.randn(256, 256, generator=gen)
+        mask, info = method.propose(engine)
+        candidates.append(mask)
+    pool = round(info["pool_before"] * engine.total_weights)
+    assert pool / engine.total_weights == pytest.approx(0.5 * 0.8**3, abs=1e-3)
+    layer_mean = early_bird_distance(*candidates)
+    pooled = early_bird_distance(*candidates, "pool", pool=pool)
+    assert layer_mean == pytest.approx(0.094, abs=0.005) and layer_mean < 0.1
+    assert pooled == pytest.approx(layer_mean * engine.total_weights / pool)
+    assert pooled > 0.3
+    # ... and the same mask with itself is 0 under both
+    assert early_bird_distance(candidates[0], candidates[0], "pool", pool=pool) == 0.0
+
+
+class Shaker(RecordingTrainer):
+    """Fresh random weights at every step: the ranking never settles."""
+
+    def train(self, model, iterations, on_step=None):
+        for i in range(iterations):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn_like(p))
+            if on_step is not None and on_step(StepInfo(i + 1, 8, torch.zeros(()), 0.1)):
+                break
+        self.calls.append({"iterations": iterations})
+
+
+def test_early_bird_on_random_weights_fires_with_the_layer_mean_not_with_the_pool():
+    runs = {
+        distance: nmcompile.compile(
+            _net(),
+            "lmimp",
+            "2:4",
+            example_inputs=(X,),
+            trainer=Shaker(),
+            iterations_per_round=30,
+            eb_interval=5,
+            eb_start_round=1,
+            plp_start_round=50,  # LTP only: candidates differ only in what the step drops
+            eb_reset_last=True,
+            eb_distance=distance,
+        )
+        for distance in ("layer_mean", "pool")
+    }
+    late = runs["layer_mean"].history[6:-1]  # steps 7 on: the step drops < 3% of the weights
+    assert late and all(h["eb_stop_iteration"] == 10 for h in late)
+    assert all(h["eb_checks"][1][1] < 0.1 for h in late)
+    pooled = runs["pool"].history
+    assert not any(h["stopped_early"] for h in pooled)
+    assert all(d > 0.25 for h in pooled[1:-1] for _, d in h["eb_checks"][1:])
+
+
+def test_early_bird_report_per_round_is_json_and_consistent():
     r = nmcompile.compile(
         _net(),
         "lmimp",
         "2:4",
         example_inputs=(X,),
-        trainer=Shaker(),
-        iterations_per_round=30,
-        eb_interval=5,
-        beta=0.01,
-        eb_start_round=1,
+        trainer=RecordingTrainer(),
+        iterations_per_round=40,
+        eb_interval=4,
+        eb_distance="pool",
     )
-    assert not any(h["stopped_early"] for h in r.history)
+    assert json.loads(json.dumps(r.history)) == r.history
+    assert json.loads(json.dumps(r.diagnostics)) == r.diagnostics
+    for h in r.history:
+        checks, stop = h["eb_checks"], h["eb_stop_iteration"]
+        if h["round"] < 2 or h is r.history[-1]:  # A.3: from R_t = 2 on; the final round: full
+            assert checks == [] and stop is None
+            continue
+        assert [it for it, _ in checks] == [4 * (i + 1) for i in range(len(checks))]
+        distances = [d for _, d in checks]
+        if stop is None:
+            assert all(d >= 0.1 for d in distances) and not h["stopped_early"]
+        else:
+            assert stop == checks[-1][0] == h["round_iterations"] and h["stopped_early"]
+            assert distances[-1] < 0.1 and all(d >= 0.1 for d in distances[:-1])
+    eb = r.diagnostics["early_bird"]
+    assert (eb["distance"], eb["beta"], eb["interval"], eb["start_round"]) == ("pool", 0.1, 4, 2)
+    assert eb["reset_last"] is False
+    assert [x["checks"] for x in eb["rounds"]] == [h["eb_checks"] for h in r.history]
+    assert [x["stop_iteration"] for x in eb["rounds"]] == [
+        h["eb_stop_iteration"] for h in r.history
+    ]
+    assert eb["flops_bound_plp"] >= eb["flops_bound"] > 1.0
+    # mIMP has no early bird: no keys
+    m = nmcompile.compile(
+        _net(),
+        "mimp",
+        "2:4",
+        example_inputs=(X,),
+        trainer=RecordingTrainer(),
+        iterations_per_round=4,
+    )
+    assert "eb_checks" not in m.history[1] and "early_bird" not in m.diagnostics
+
+
+def test_plp_fraction_is_recorded_per_pruning_step():
+    r = nmcompile.compile(
+        _net(),
+        "lmimp",
+        "2:4",
+        example_inputs=(X,),
+        trainer=RecordingTrainer(),
+        iterations_per_round=20,
+        eb_interval=2,
+    )
+    total = sum(m.numel() for m in r.masks.values())
+    assert "plp_fraction" not in r.history[0]
+    for h in r.history[1:]:
+        after_ltp = round(h["pool_before"] * total) - h["ltp_pruned"]
+        assert h["plp_fraction"] == pytest.approx(h["plp_pruned"] / after_ltp)
+    assert [h["plp_fraction"] for h in r.history[1:3]] == [0.0, 0.0]  # before R_t
+    assert r.history[3]["plp_fraction"] > 0.5  # z-score alpha -0.1 at 2:4: most of the pool
+
+
+# -- the FLOPs bound ---------------------------------------------------------------------------
+def test_flops_bound_by_hand():
+    # I = 100, k = 10, I_eb = 10, 2:4, p = 0.5, epsilon = 0.1: pool 0.5 -> 0.25 -> 0.125 ->
+    # 0.0625 (cleared at step 3): mIMP trains 4 rounds, 100 + 3 * 90 = 370 iterations.
+    base = {
+        "iterations_per_round": 100,
+        "rewind_iteration": 10,
+        "eb_interval": 10,
+        "prune_rate": 0.5,
+        "epsilon": 0.1,
+    }
+    assert mimp_pool_schedule(NMPattern(2, 4), 0.5, 0.1) == [0.25, 0.125, 0.0]
+    b = lmimp_flops_bound(LMIMPConfig(**base), "2:4")
+    # A.3: rounds 0, 1 full, round 2 stops at its first check, round 3 (the final ticket) full
+    assert b.mimp_iterations == (100, 90, 90, 90)
+    assert b.lmimp_iterations == (100, 90, 10, 90)
+    assert b.lmimp_stops == (None, None, 10, None)
+    assert b.ratio == pytest.approx(370 / 290)
+    # every round may stop early: 10 + 10 + 10 + 90
+    assert lmimp_flops_bound(LMIMPConfig(**base, eb_start_round=0), "2:4").ratio == (
+        pytest.approx(370 / 120)
+    )
+    # the first check cannot fire: with a reset B_last, or pool distance and beta <= p
+    for extra in ({"eb_reset_last": True}, {"eb_distance": "pool"}):
+        assert lmimp_flops_bound(LMIMPConfig(**base, **extra), "2:4").lmimp_iterations == (
+            100,
+            90,
+            20,
+            90,
+        )
+    # cost per iteration = mask density: 1, 0.75, 0.625, 0.5
+    weighted = lmimp_flops_bound(LMIMPConfig(**base), "2:4", cost=lambda d: d)
+    assert weighted.mimp_cost == pytest.approx(100 + 0.75 * 90 + 0.625 * 90 + 0.5 * 90)
+    assert weighted.lmimp_cost == pytest.approx(100 + 0.75 * 90 + 0.625 * 10 + 0.5 * 90)
+    # p = 0.2, epsilon = 0.01: 18 steps; PLP clearing the pool at step R_t + 1 = 3 leaves
+    # rounds 0..3: 100 + 90 + 10 + 90
+    long = {**base, "prune_rate": 0.2, "epsilon": 0.01}
+    b = lmimp_flops_bound(LMIMPConfig(**long), "2:4")
+    assert len(b.mimp_iterations) == 19 and b.ratio == pytest.approx(1720 / (100 + 90 + 160 + 90))
+    opt = lmimp_flops_bound(LMIMPConfig(**long), "2:4", plp_shortens=True)
+    assert opt.lmimp_iterations == (100, 90, 10, 90) and opt.ratio == pytest.approx(1720 / 290)
+    assert "5.93x fewer" in str(opt)
+    assert json.loads(json.dumps(opt.to_json()))["ratio"] == pytest.approx(opt.ratio)
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_flops_bound_is_what_a_run_stopping_at_every_earliest_check_trains(start):
+    # frozen weights and a reset B_last: every checked round stops at its second check, the
+    # earliest possible; eb_start_round=0 lets the dense round 0 stop early too
+    cfg = {
+        "iterations_per_round": 40,
+        "eb_interval": 5,
+        "eb_start_round": start,
+        "plp_start_round": 50,
+        "eb_reset_last": True,
+    }
+    r = nmcompile.compile(
+        _net(), "lmimp", "2:4", example_inputs=(X,), trainer=RecordingTrainer(freeze=True), **cfg
+    )
+    total = sum(m.numel() for m in r.masks.values())
+    bound = lmimp_flops_bound(LMIMPConfig(**cfg), NMPattern(2, 4), total_weights=total)
+    assert tuple(h["round_iterations"] for h in r.history) == bound.lmimp_iterations
+    assert tuple(h["eb_stop_iteration"] for h in r.history) == bound.lmimp_stops
+    assert (r.history[0]["eb_stop_iteration"] == 10) is (start == 0)
+    assert r.history[-1]["round_iterations"] == 40 - r.config.rewind_at  # final ticket: full
 
 
 # -- EB baseline ---------------------------------------------------------------------------------
@@ -348,6 +572,12 @@ def test_hamming_matrix_and_plp_misprediction():
         ("lmimp", {"beta": -1.0}, r"LMIMPConfig.beta must be in \(0.0, 1.0\]"),
         ("lmimp", {"plp_norm": "l2"}, r"LMIMPConfig.plp_norm must be one of \['zscore', 'max'\]"),
         ("lmimp", {"plp_norm": "max", "alpha": -0.1}, r"LMIMPConfig.alpha must be in \(0.0, 1.0\)"),
+        (
+            "lmimp",
+            {"eb_distance": "all"},
+            r"LMIMPConfig.eb_distance must be one of \['layer_mean', 'pool'\], got 'all'",
+        ),
+        ("lmimp", {"eb_reset_last": 1}, r"LMIMPConfig.eb_reset_last must be True or False"),
         (
             "imp",
             {"rewind_iteration": 10, "iterations_per_round": 10},
@@ -451,7 +681,10 @@ def test_resume_after_interruption_gives_the_uninterrupted_masks(tmp_path, metho
     saved = sorted(p.name for p in (tmp_path / "cut").glob("round-*.pt"))
     assert saved and len(saved) <= 2  # keep_checkpoints=2
     resumed = _digits_run(tmp_path / "cut", method, CountingTrainer, resume=True)
-    _assert_same_run(full, resumed)
+    _assert_same_run(full, resumed)  # the early-bird checks of every round included
+    if method == "lmimp":
+        assert any(h["eb_checks"] for h in resumed.history)
+        assert resumed.diagnostics["early_bird"] == full.diagnostics["early_bird"]
     # it continued: rounds 0 and 1 finished before the kill in round 2's training, so the
     # resumed run trains round 2 again and the rest, not the two finished ones
     assert resumed.trainer.n == len(full.history) - 2
