@@ -59,21 +59,30 @@ class RunLog:
         self.runs.append(row)
 
 
+def _plain(v: Any) -> bool:
+    """A value JSON writes as itself: scalars, None, and lists of them (nested)."""
+    if v is None or isinstance(v, (int, float, str, bool)):
+        return True
+    return isinstance(v, (list, tuple)) and all(_plain(x) for x in v)
+
+
 def result_row(result: Any, t0: float) -> dict[str, Any]:
     """What a benchmark logs of a finished ``nmcompile.compile`` run started at ``t0``
-    (``time.perf_counter()``): final accuracy and training FLOPs, rounds, sparsity, wall time and
-    the per-round history (plain values only)."""
+    (``time.perf_counter()``): final accuracy and training FLOPs, rounds, sparsity, wall time, the
+    per-round history (plain values and lists of them, e.g. L-mIMP's early-bird checks) and the
+    early-bird summary of ``result.diagnostics`` when the method has one."""
     import time
 
     last = result.history[-1]
-    return {
+    row = {
         "accuracy": last["accuracy"],
         "train_flops": last["train_flops"],
         "rounds": len(result.history),
         "sparsity": result.sparsity,
         "wall_s": time.perf_counter() - t0,
-        "history": [
-            {k: v for k, v in h.items() if isinstance(v, (int, float, str, bool))}
-            for h in result.history
-        ],
+        "history": [{k: v for k, v in h.items() if _plain(v)} for h in result.history],
     }
+    eb = (getattr(result, "diagnostics", None) or {}).get("early_bird")
+    if eb is not None:
+        row["early_bird"] = eb
+    return row

@@ -2,11 +2,13 @@
 group-aware IMP vs random tickets, accuracy vs sparsity and the latency of each ticket.
 
 Per seed: ``imp`` to the highest target (its history gives accuracy at every IMP round), and
-``imp-refill``, ``imp-refill+``, ``imp-regroup``, ``group-aware-imp`` and ``random-ticket`` at
-each ``--targets`` sparsity. A random ticket is the paper's sanity baseline (Frankle & Carbin):
-the mask IMP with rewinding found, trained for one round from a fresh random initialisation (a
-permutation of each tensor's initial values, the model's own init distribution) instead of the
-rewound weights. Each ticket is exported to ONNX and timed with ONNX Runtime on the CPU (batch
+``imp-refill``, ``imp-refill+``, ``imp-regroup`` and ``group-aware-imp`` at each ``--targets``
+sparsity. A random ticket is the paper's sanity baseline (Frankle & Carbin): a pruning run's final
+structure trained for one round from a fresh random initialisation (a permutation of each
+tensor's initial values, the model's own init distribution) instead of the rewound weights.
+``random-ticket`` takes IMP's mask (top target), ``random-refill`` / ``random-regroup`` the refilled
+/ regrouped ticket at each target; each is trained from its parent's run, in the same process, so
+it costs one round, not a second pruning run. Each ticket is exported to ONNX and timed with ONNX Runtime on the CPU (batch
 ``--latency-batch``) against the dense model; refilled tickets are physically smaller (channels
 removed); regrouped tickets are timed twice: as masked dense weights and as block-sparse layers
 (``runtime/block_sparse.py``, dense GEMMs over the blocks).
@@ -51,7 +53,9 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("imp", "imp-refill", "imp-refill+", "imp-regroup", "group-aware-imp", "random-ticket")
 # a random ticket of each structural method: its final structure, trained from a random init
 RANDOM = {"random-refill": "imp-refill", "random-regroup": "imp-regroup"}
-REGROUPED = ("imp-regroup", "group-aware-imp", "random-regroup")
+# the pruning run each random ticket takes its structure from
+PARENT = {"random-ticket": "imp", **RANDOM}
+REGROUPED = ("imp-regroup", "group-aware-imp")
 CONVERGED = {
     "model": "lenet300",
     "dataset": "fashion-mnist",
@@ -63,7 +67,9 @@ CONVERGED = {
 }
 
 
-def _run(args, seed: int, variant: str, target: float) -> dict[str, Any]:
+def _run(args, seed: int, variant: str, target: float, children=()) -> dict[str, dict[str, Any]]:
+    """Run ``variant`` at ``target`` and, from the same run, each random ticket in ``children``
+    (its structure trained from a random init: no second pruning run). {variant: row fields}."""
     ds = data.load(args.dataset, batch_size=args.batch_size, seed=seed)
     if args.device != "cpu":
         ds.to(args.device)  # batches sliced on the GPU, same order
@@ -73,7 +79,7 @@ def _run(args, seed: int, variant: str, target: float) -> dict[str, Any]:
     trainer = SupervisedTrainer(
         ds.train, ds.val, lr=args.lr, milestones=(0.5, 0.75), progress=False, device=args.device
     )
-    method = "imp" if variant == "random-ticket" else RANDOM.get(variant, variant)
+    method = PARENT.get(variant, variant)
     options: dict[str, Any] = {
         "seed": seed,
         "target_sparsity": target,
@@ -86,10 +92,16 @@ def _run(args, seed: int, variant: str, target: float) -> dict[str, Any]:
         r = nmcompile.compile(
             model, method, example_inputs=(ds.example_input(1),), trainer=trainer, **options
         )
-    accuracy = r.history[-1]["accuracy"]
-    if variant == "random-ticket" or variant in RANDOM:
-        accuracy = _random_ticket(r, model, trainer, args.iterations, seed)
-    train_s = time.perf_counter() - t0
+    accuracy = {}
+    train_s = {}
+    for v in (variant, *children):
+        t1 = time.perf_counter()
+        if v in PARENT:
+            accuracy[v] = _random_ticket(r, model, trainer, args.iterations, seed)
+        else:
+            accuracy[v] = r.history[-1]["accuracy"]
+        # a random ticket reuses the pruning run: its own cost is the one round it trains
+        train_s[v] = (t1 - t0 if v == variant else 0.0) + time.perf_counter() - t1
     model = model.cpu()
     x = ds.example_input(args.latency_batch)
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,14 +110,13 @@ def _run(args, seed: int, variant: str, target: float) -> dict[str, Any]:
             "ticket": r.export_onnx(Path(tmp) / "ticket.onnx", example_inputs=(x,)).path,
         }
         blocks = r.diagnostics.get("blocks") or {}
-        if variant in REGROUPED and any(blocks.values()):
+        if method in REGROUPED and any(blocks.values()):
             fast = to_block_sparse(copy.deepcopy(r.module).eval(), blocks)
             files["blocks"] = export_onnx(fast, (x,), Path(tmp) / "blocks.onnx", sites=()).path
         lat = ort_latency(files, (x,), warmup=5, repeat=args.latency_repeat)
         torch_lat = _torch_latency(model, r, blocks if "blocks" in files else None, x, args)
     params = sum(p.numel() for p in r.module.parameters())
-    return {
-        "accuracy": accuracy,
+    common = {
         "sparsity": r.sparsity,
         "train_flops": r.history[-1]["train_flops"],
         "rounds": len(r.history),
@@ -119,7 +130,15 @@ def _run(args, seed: int, variant: str, target: float) -> dict[str, Any]:
         "blocks": sum(len(b) for b in blocks.values()),
         "layers_with_blocks": sum(bool(b) for b in blocks.values()),
         "curve": [(h["sparsity"], h["accuracy"]) for h in r.history],
-        "train_s": train_s,
+    }
+    return {
+        v: {
+            "accuracy": accuracy[v],
+            **common,
+            "train_s": train_s[v],
+            **({"structure_from": method} if v in PARENT else {}),
+        }
+        for v in accuracy
     }
 
 
@@ -248,7 +267,14 @@ def judge_claims(runs: list[dict], targets: list[float], setting: dict, conv) ->
         for r in runs:
             if r["target"] == t:
                 per.setdefault(r["variant"], {})[r["seed"]] = 100 * r["accuracy"]
+        sparsity: dict[str, list[float]] = {}
+        for r in runs:
+            if r["target"] == t:
+                sparsity.setdefault(r["variant"], []).append(r["sparsity"])
+        # regrouping adds weights back (Table A4), so tickets of one target differ in sparsity
+        extra = {"sparsity": {v: statistics.mean(x) for v, x in sparsity.items()}}
         common = {
+            "extra": extra,
             "paper": PAPER,
             "model": setting["model"],
             "dataset": setting["dataset"],
@@ -324,22 +350,42 @@ def main() -> None:
     log = RunLog(out, setting)
     runs = [r for r in log.runs if r["seed"] in seeds]
     done = log.done(lambda r: (r["seed"], r["variant"], r["target"]))
-    jobs = [(s, "imp", max(targets)) for s in seeds if "imp" in variants]
-    jobs += [(s, v, t) for s in seeds for v in variants if v != "imp" for t in targets]
+    # imp runs to the top target only (its history gives the lower ones); a random ticket is
+    # trained from its parent's run, so it exists where the parent runs (random-ticket: the top
+    # target). A parent already logged whose random ticket is missing is run again for it.
+    parents = [v for v in variants if v not in PARENT]
+    jobs = [
+        (s, v, max(targets) if v == "imp" else t) for s in seeds for v in parents for t in targets
+    ]
+    jobs = list(dict.fromkeys(jobs))
+    orphans = sorted({PARENT[v] for v in variants if v in PARENT} - set(parents))
+    jobs += [
+        (s, p, max(targets) if p == "imp" else t) for s in seeds for p in orphans for t in targets
+    ]
+    jobs = list(dict.fromkeys(jobs))
     for seed, variant, target in jobs:
-        if (seed, variant, target) in done:
+        children = [
+            c
+            for c, p in PARENT.items()
+            if p == variant and c in variants and (seed, c, target) not in done
+        ]
+        want_main = variant in variants and (seed, variant, target) not in done
+        if not want_main and not children:
             continue
-        res = _run(args, seed, variant, target)
-        row = {"seed": seed, "variant": variant, "target": target, **res}
-        log.append(row)
-        runs.append({**row, "setting": setting})
-        print(
-            f"seed {seed} {variant:11s} target {target:.2f}: acc {100 * res['accuracy']:.2f}% "
-            f"sparsity {res['sparsity']:.3f} params {res['params']:,} ORT "
-            f"{res['latency_ticket_ms']:.2f}/{res['latency_dense_ms']:.2f} ms "
-            f"({res['train_s']:.0f} s)",
-            flush=True,
-        )
+        res = _run(args, seed, variant, target, children)
+        if not want_main:
+            del res[variant]
+        for v, fields in res.items():
+            row = {"seed": seed, "variant": v, "target": target, **fields}
+            log.append(row)
+            runs.append({**row, "setting": setting})
+            print(
+                f"seed {seed} {v:14s} target {target:.2f}: acc {100 * fields['accuracy']:.2f}% "
+                f"sparsity {fields['sparsity']:.3f} params {fields['params']:,} ORT "
+                f"{fields['latency_ticket_ms']:.2f}/{fields['latency_dense_ms']:.2f} ms "
+                f"({fields['train_s']:.0f} s)",
+                flush=True,
+            )
     # imp's own history gives its accuracy at every round; its target rows are read off it
     for r in [r for r in runs if r["variant"] == "imp"]:
         for t in targets:
