@@ -220,6 +220,58 @@ def _table(runs: list[dict], targets: list[float]) -> tuple[str, dict]:
     return "\n".join(lines), claims
 
 
+def equal_accuracy(runs: list[dict], targets: list[float], dense_acc: float | None) -> str:
+    """The latency each structural method buys at equal accuracy: per method, the sparsest target
+    whose mean accuracy is within 0.5 point of the dense model (``dense_acc``, percent), and that
+    ticket's latency against dense (ONNX Runtime CPU and torch; block-sparse where regrouped)."""
+    if dense_acc is None:
+        return ""
+    lines = [
+        f"Latency at equal accuracy (within 0.5 point of dense, {dense_acc:.2f}%): the sparsest "
+        "ticket of each method that is, timed against dense (speedup = dense ms / ticket ms).",
+        "",
+        "| variant | target | top-1 % | ORT ticket ms (speedup) | ORT block-sparse ms (speedup) "
+        "| torch ticket ms (speedup) | torch block-sparse ms (speedup) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        best = None
+        for t in sorted(targets):
+            got = [r for r in runs if r["variant"] == variant and r["target"] == t]
+            if got and statistics.mean(100 * r["accuracy"] for r in got) >= dense_acc - 0.5:
+                best = (t, got)
+        if best is None:
+            if any(r["variant"] == variant for r in runs):
+                lines.append(f"| {variant} | none within 0.5 point | | | | | |")
+            continue
+        t, got = best
+        if variant == "imp" and t != max(targets):
+            lines.append(f"| imp | {t:.2f} | (read off IMP's history, not timed) | | | | |")
+            continue
+
+        def cell(key, dense_key, src=None, got=got):
+            vals = [
+                ((r.get(src) or {}).get(key), (r.get(src) or {}).get(dense_key))
+                if src
+                else (r.get(key), r.get(dense_key))
+                for r in got
+            ]
+            vals = [(a, b) for a, b in vals if a is not None and b is not None]
+            if not vals:
+                return "-"
+            ms = statistics.mean(a for a, _ in vals)
+            return f"{ms:.3f} ({statistics.mean(b / a for a, b in vals):.2f}x)"
+
+        acc = statistics.mean(100 * r["accuracy"] for r in got)
+        lines.append(
+            f"| {variant} | {t:.2f} | {acc:.2f} | {cell('latency_ticket_ms', 'latency_dense_ms')} | "
+            f"{cell('latency_blocks_ms', 'latency_dense_ms')} | "
+            f"{cell('ticket', 'dense', 'torch_latency_ms')} | "
+            f"{cell('blocks', 'dense', 'torch_latency_ms')} |"
+        )
+    return "\n".join(lines)
+
+
 def _mean_or_dash(values: list, fmt: str = ".2f") -> str:
     values = [v for v in values if v is not None]
     return format(statistics.mean(values), fmt) if values else "-"
@@ -396,6 +448,9 @@ def main() -> None:
     table, claims = _table(runs, targets)
     _plot(runs, out.with_suffix(".png"))
     conv = claimlib.convergence_from_log(RESULTS / "lth_converged.jsonl", setting, seeds)
+    eq = equal_accuracy(runs, targets, conv["dense_2x"] if conv else None)
+    if eq:
+        table += "\n\n" + eq
     entries = judge_claims(runs, targets, setting, conv)
     claimlib.write_summary(out.with_suffix(".json"), setting, claims, entries, table)
     print(table)
