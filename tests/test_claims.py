@@ -73,3 +73,39 @@ def test_judge_update_and_results_md(tmp_path):
     assert text.count(claims.BEGIN) == 1 and "## First section" in text
     assert text.index("Intro.") < text.index(claims.BEGIN) < text.index("## First section")
     assert "**did not hold**" in text and "(short run)" in text
+
+
+def _eb_rows(stops, iterations=8000):
+    """lmimp-pool rows of 3 seeds whose checked rounds stop at ``stops[seed]`` (None: never)."""
+    rows = []
+    for seed, stop in enumerate(stops):
+        rounds = [
+            {"round": 0, "checks": [], "stop_iteration": None},
+            *(
+                {"round": r, "checks": [[800, 0.3], [1600, 0.05]], "stop_iteration": stop}
+                for r in (1, 2, 3)
+            ),
+        ]
+        row = {"pattern": "2:4", "method": "lmimp-pool", "seed": seed}
+        rows.append({**row, "early_bird": {"rounds": rounds}})
+    return rows
+
+
+@pytest.mark.parametrize(
+    "stops, expected",
+    [((1600, 1600, 800), "held"), ((None, None, 7200), "did not hold")],
+)
+def test_early_bird_claim_reads_the_rounds_stop_iterations(stops, expected):
+    import lth_fashion_mnist as lth
+
+    rows = _eb_rows(stops)
+    # round 0 has no checks: it does not count; a round that never fired counts 100%
+    frac = lth.stop_fraction(rows[0], 8000)
+    assert frac == (20.0 if stops[0] else 100.0)
+    common = {
+        "paper": "p", "model": "m", "dataset": "d", "setting": "2:4",
+        "schedule": {"iterations": 8000}, "per_seed": {}, "converged": None,
+    }  # fmt: skip
+    entry = lth.judge_early_bird(rows, "2:4", common)
+    assert entry["verdict"] == expected
+    assert entry["median_distance"] == pytest.approx((0.3 + 0.05) / 2)
