@@ -306,6 +306,40 @@ def judge_claims(runs: list[dict[str, Any]], patterns: list[str], setting: dict)
     return [e for e in entries if e is not None]
 
 
+def early_bird_table(runs: list[dict[str, Any]], pattern: str) -> str:
+    """Per L-mIMP run: the FLOPs bound of its schedule, and per checked round the distances at
+    each check (in order; "-" where there was nothing to compare with), where it stopped, and the
+    share of the pool PLP removed after the round."""
+    lines = [
+        "| variant | seed | bound (x fewer FLOPs than mIMP) | round: distances at the checks "
+        "-> stop iteration | PLP share of the pool, per round |",
+        "|---|---|---|---|---|",
+    ]
+    got = sorted(
+        (r for r in runs if r["pattern"] == pattern and r.get("early_bird")),
+        key=lambda r: (r["method"], r["seed"]),
+    )
+    for r in got:
+        eb = r["early_bird"]
+        parts = []
+        for rd in eb["rounds"]:
+            if not rd["checks"]:
+                continue
+            ds = " ".join("-" if d is None else f"{d:.3f}" for _, d in rd["checks"])
+            stop = rd["stop_iteration"] if rd["stop_iteration"] is not None else "full"
+            parts.append(f"{rd['round']}: {ds} -> {stop}")
+        plp = " ".join(
+            "-" if rd.get("plp_fraction") is None else f"{rd['plp_fraction']:.2f}"
+            for rd in eb["rounds"]
+        )
+        bound = eb.get("flops_bound")
+        lines.append(
+            f"| {r['method']} ({eb['distance']}) | {r['seed']} | "
+            f"{'-' if bound is None else f'{bound:.2f}'} | {'; '.join(parts)} | {plp} |"
+        )
+    return "\n".join(lines) if got else ""
+
+
 def stop_fraction(row: dict[str, Any], iterations: int) -> float | None:
     """Mean over a run's checked rounds (those with early-bird checks) of the share of the round,
     in percent, trained before the detector fired; a round that never fired counts 100."""
@@ -439,6 +473,10 @@ def main() -> None:
                 )
     runs = [r for r in log.runs if r["seed"] in seeds]
     table, claims = summarise(runs, patterns, seeds)
+    for pattern in patterns:
+        eb_table = early_bird_table(runs, pattern)
+        if eb_table:
+            table += f"\n\nEarly-bird checks, {pattern}:\n\n{eb_table}"
     entries = judge_claims(runs, patterns, setting)
     claimlib.write_summary(
         Path(str(out).replace(".jsonl", ".json")), setting, claims, entries, table
