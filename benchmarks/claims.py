@@ -198,6 +198,9 @@ def markdown(entries: Sequence[Mapping[str, Any]]) -> str:
         a, b = e["compare"]
         lo, hi = e["ci95"]
         verdict_text = e["verdict"] if e["regime"] == "converged" else f"{e['verdict']} (short run)"
+        for key, against in (("flops_ratio_vs_mimp", "mIMP"), ("flops_ratio_vs_others", "them")):
+            if e.get(key):
+                means += f"; {e[key]:.1f}x fewer training FLOPs than {against}"
         lines.append(
             f"| {e['paper']} | {e['claim']} ({e['source']}) | {e['model']}, {e['dataset']}, "
             f"{e['setting']} | {regime} | {len(e['seeds'])} | {means} | {a} - {b}: "
