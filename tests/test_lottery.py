@@ -96,6 +96,13 @@ class RecordingTrainer:
 
 
 # -- mIMP pool invariants --------------------------------------------------------------------
+def _run_2to4(method: str, **options):
+    """``method`` at 2:4 on the small net, with a recording trainer."""
+    return nmcompile.compile(
+        _net(), method, "2:4", example_inputs=(X,), trainer=RecordingTrainer(), **options
+    )
+
+
 @pytest.mark.parametrize("spec", ["2:4", "1:4", "2:8"])
 def test_mimp_keeps_at_least_n_per_group_and_exactly_n_at_the_end(spec):
     pattern = NMPattern.parse(spec)
@@ -119,20 +126,12 @@ def test_mimp_keeps_at_least_n_per_group_and_exactly_n_at_the_end(spec):
 
 
 def test_mimp_high_takes_fewer_rounds_and_rand_reinitialises():
-    base = nmcompile.compile(
-        _net(),
+    base = _run_2to4(
         "mimp",
-        "2:4",
-        example_inputs=(X,),
-        trainer=RecordingTrainer(),
         iterations_per_round=4,
     )
-    high = nmcompile.compile(
-        _net(),
+    high = _run_2to4(
         "mimp-high",
-        "2:4",
-        example_inputs=(X,),
-        trainer=RecordingTrainer(),
         iterations_per_round=4,
     )
     assert high.config.prune_rate == 0.4
@@ -226,20 +225,12 @@ def test_plp_scores_zscore_and_max():
 
 
 def test_lmimp_reaches_exact_nm_with_fewer_flops_than_mimp():
-    mimp = nmcompile.compile(
-        _net(),
+    mimp = _run_2to4(
         "mimp",
-        "2:4",
-        example_inputs=(X,),
-        trainer=RecordingTrainer(),
         iterations_per_round=20,
     )
-    lm = nmcompile.compile(
-        _net(),
+    lm = _run_2to4(
         "lmimp",
-        "2:4",
-        example_inputs=(X,),
-        trainer=RecordingTrainer(),
         iterations_per_round=20,
         eb_interval=2,
     )
@@ -385,12 +376,8 @@ def test_early_bird_on_random_weights_fires_with_the_layer_mean_not_with_the_poo
 
 
 def test_early_bird_report_per_round_is_json_and_consistent():
-    r = nmcompile.compile(
-        _net(),
+    r = _run_2to4(
         "lmimp",
-        "2:4",
-        example_inputs=(X,),
-        trainer=RecordingTrainer(),
         iterations_per_round=40,
         eb_interval=4,
         eb_distance="pool",
@@ -418,24 +405,16 @@ def test_early_bird_report_per_round_is_json_and_consistent():
     ]
     assert eb["flops_bound_plp"] >= eb["flops_bound"] > 1.0
     # mIMP has no early bird: no keys
-    m = nmcompile.compile(
-        _net(),
+    m = _run_2to4(
         "mimp",
-        "2:4",
-        example_inputs=(X,),
-        trainer=RecordingTrainer(),
         iterations_per_round=4,
     )
     assert "eb_checks" not in m.history[1] and "early_bird" not in m.diagnostics
 
 
 def test_plp_fraction_is_recorded_per_pruning_step():
-    r = nmcompile.compile(
-        _net(),
+    r = _run_2to4(
         "lmimp",
-        "2:4",
-        example_inputs=(X,),
-        trainer=RecordingTrainer(),
         iterations_per_round=20,
         eb_interval=2,
     )
