@@ -78,12 +78,39 @@ def test_lbc_schedule_counts_follow_the_cubic_formula():
         trainer=trainer,
         total_iterations=60,
         removal_window=(0.25, 0.75),
+        removal_interval=1,
     )
     counts = r.diagnostics["alive_per_step"]
     assert counts == [alive_count(t, 15, 45, 28) for t in range(1, 61)]
     assert check_nm(r.masked, NMPattern(2, 8), strict=True).ok  # exact N:M at the end
     assert check_nm(r.module, NMPattern(2, 8)).ok
     assert r.history[-1]["accuracy"] > 0.5
+
+
+def test_lbc_removes_once_per_epoch_by_default():
+    # Eq. 6 steps per epoch: nothing goes during the first epoch, and the count changes only
+    # where an epoch starts (the old per-iteration removal cut candidates from iteration 1)
+    ds = data.load("digits", batch_size=64, seed=0)
+    loader = TensorLoader(ds.train.x, ds.train.y, 64, shuffle=True, drop_last=True)
+    epoch = len(loader)
+    trainer = SupervisedTrainer(loader, ds.val, lr=0.05, progress=False)
+    r = nmcompile.compile(
+        zoo.create("cnn", in_channels=1, image_size=8),
+        "lbc",
+        "2:4",
+        example_inputs=(ds.example_input(2),),
+        trainer=trainer,
+        total_iterations=6 * epoch,
+        removal_window=(0.0, 0.5),
+    )
+    counts = r.diagnostics["alive_per_step"]
+    assert r.diagnostics["removal_interval"] == epoch
+    assert counts[:epoch] == [6] * epoch  # the first epoch trains every candidate
+    changes = [i for i in range(1, len(counts)) if counts[i] != counts[i - 1]]
+    assert changes and all(i % epoch == 0 for i in changes)
+    # epochs 1, 2, 3 (t_f = 3 epochs): the cubic schedule at each epoch's start
+    assert [counts[e * epoch] for e in range(4)] == [alive_count(e, 0, 3, 6) for e in range(4)]
+    assert counts[-1] == 1
 
 
 def test_lbc_flops_follow_the_mask_density():

@@ -14,8 +14,9 @@ forward of the iteration they belong to, as in Algorithm 1. Between ``t_i`` and 
 
     alive(t) = 1 + ceil((C - 1) * (1 - (t - t_i) / (t_f - t_i))^3)
 
-(the cubic schedule of Eq. 6, as NOTES writes it); once one candidate is left its scores are
-frozen, and the mask is exactly N:M. Memory: ``groups x C`` scores, e.g. 28 per group for 2:8.
+(the cubic schedule of Eq. 6, as NOTES writes it), stepped once per epoch as the paper does
+(``removal_interval``, iterations; t is the start of the step); once one candidate is left its
+scores are frozen, and the mask is exactly N:M. Memory: ``groups x C`` scores, e.g. 28 per group for 2:8.
 
 **SR-STE** recomputes the magnitude N:M mask every forward and, backward, passes the gradient
 straight through to all weights plus ``lambda * (1 - mask) * W`` (lambda 2e-4); **STE** is the same
@@ -162,13 +163,19 @@ class SRSTEMasker(nn.Module):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LBCConfig(MethodConfig):
     """LBC: ``total_iterations`` of training; candidates removed over ``removal_window`` (fractions
-    of training; the paper uses (0, 1/2))."""
+    of training; the paper uses (0, 1/2)). ``removal_interval``: iterations between removal steps
+    of Eq. 6; None: one epoch of the trainer's ``train_loader`` (the paper steps per epoch, so
+    the first removal comes after an epoch of training), or every iteration when the loader has
+    no length."""
 
     total_iterations: int = 3000
     removal_window: tuple[float, float] = (0.0, 0.5)
+    removal_interval: int | None = None
 
     def validate(self) -> None:
         check_int(self, "total_iterations", 1)
+        if self.removal_interval is not None:
+            check_int(self, "removal_interval", 1)
         w = self.removal_window
         ok = (
             isinstance(w, (tuple, list))
@@ -237,8 +244,17 @@ def run_lbc(session: Session, config: LBCConfig) -> None:
     counts: list[int] = []  # candidates alive in the forward of each iteration
     state = {"alive": c}
 
+    interval = config.removal_interval
+    if interval is None:
+        try:
+            interval = max(1, len(session.trainer.train_loader))  # one epoch
+        except (AttributeError, TypeError):
+            interval = 1  # a loader without a length: Eq. 6 stepped every iteration
+
     def remove_for(iteration: int) -> None:
-        target = alive_count(iteration, t_i, t_f, c)
+        # Eq. 6 evaluated at the start of the removal step (epoch) the iteration falls in
+        t = iteration if interval == 1 else ((iteration - 1) // interval) * interval
+        target = alive_count(t, t_i, t_f, c)
         if target < state["alive"]:
             for _, masker in maskers:
                 masker.keep(target)
@@ -256,6 +272,7 @@ def run_lbc(session: Session, config: LBCConfig) -> None:
             masker.keep(1)
         session.refresh_densities()
     session.diagnostics["alive_per_step"] = counts
+    session.diagnostics["removal_interval"] = interval
     session.diagnostics.update(_flops_diagnostics(session, "lbc"))
     session.end_round(phase="learned")
 
