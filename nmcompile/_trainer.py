@@ -190,8 +190,9 @@ class SupervisedTrainer:
     ``lr / warmup_iterations`` to ``lr``; it starts over with every call, as the optimizer does.
 
     ``milestones``: iteration counts (ints) or fractions of a ``train`` call's iterations (floats
-    in (0, 1)); the LR is multiplied by ``gamma`` at each. ``progress=None`` shows a bar only on a
-    terminal.
+    in (0, 1)); the LR is multiplied by ``gamma`` at each. ``schedule="cosine"`` anneals the LR
+    from ``lr`` to 0 over each ``train`` call instead (after the warm-up; the LBC and IEE papers'
+    schedule), and takes no milestones. ``progress=None`` shows a bar only on a terminal.
 
     Under ``torchrun`` (see ``nmcompile._dist``) the trainer shards ``train_loader`` across ranks
     (a ``TensorLoader`` by ``num_replicas`` / ``rank``, a ``DataLoader`` through a
@@ -212,6 +213,7 @@ class SupervisedTrainer:
         weight_decay: float = 5e-4,
         milestones: Sequence[int | float] = (),
         gamma: float = 0.1,
+        schedule: str = "step",
         optimizer: str = "sgd",
         warmup: int | float = 0,
         device: str | torch.device = "cpu",
@@ -237,6 +239,15 @@ class SupervisedTrainer:
                     "SupervisedTrainer.milestones must hold iteration counts (ints > 0) or "
                     f"fractions of a round (floats in (0, 1)), got {m!r}"
                 )
+        if schedule not in ("step", "cosine"):
+            raise ConfigError(
+                f"SupervisedTrainer.schedule must be 'step' or 'cosine', got {schedule!r}"
+            )
+        if schedule == "cosine" and milestones:
+            raise ConfigError(
+                "SupervisedTrainer: milestones belong to schedule='step'; the cosine schedule "
+                "anneals to 0 by itself (drop milestones or use schedule='step')"
+            )
         if optimizer not in ("sgd", "adamw"):
             raise ConfigError(
                 f"SupervisedTrainer.optimizer must be 'sgd' or 'adamw', got {optimizer!r}"
@@ -258,6 +269,7 @@ class SupervisedTrainer:
         self.weight_decay = float(weight_decay)
         self.milestones = tuple(milestones)
         self.gamma = float(gamma)
+        self.schedule = schedule
         self.optimizer = optimizer
         self.warmup = warmup
         self.device = torch.device(device)
@@ -291,7 +303,12 @@ class SupervisedTrainer:
         )
         lr = self.lr * self.gamma**passed
         warm = round(self.warmup * iterations) if isinstance(self.warmup, float) else self.warmup
-        return lr * (step + 1) / warm if step < warm else lr
+        if step < warm:
+            return lr * (step + 1) / warm
+        if self.schedule == "cosine":
+            span = max(1, iterations - warm)
+            return 0.5 * lr * (1.0 + math.cos(math.pi * (step - warm) / span))
+        return lr
 
     def _next_batch(self) -> Any:
         """The next training batch. The position persists across ``train`` calls, so rounds
