@@ -1,11 +1,21 @@
 """Latency lookup table, measured here on the target backend and cached on disk.
 
 HALP ships a prebuilt table and no generator; nmcompile measures its own. A key is one layer
-configuration — op, batch, input / output channels, kernel, stride, padding, groups and input
-size — and the value its median latency in ms on ``backend`` (``"torch"``: eager PyTorch on CPU
-or CUDA; ``"ort"``: ONNX Runtime CPU on a one-layer ONNX file). ``sweep`` measures a layer at a
-grid of output-channel counts (multiples of ``step``) and interpolates between them, which is
-what the knapsack needs: a cost for every channel count.
+configuration — op, batch, input / output channels, kernel, stride, padding, dilation, groups,
+bias and input size, everything that changes the kernel that runs — and the value its median
+latency in ms on ``backend`` (``"torch"``: eager PyTorch on CPU or CUDA; ``"ort"``: ONNX Runtime
+CPU on a one-layer ONNX file). Measure at the batch the model will be deployed at: per-layer
+latency is far from proportional to the batch.
+
+``sweep`` gives the knapsack a cost for every output-channel count: measured at 1 channel, at
+the multiples of ``step`` on a grid that is dense at thin widths (doubling from ``step``) and
+even above (at most 8 intervals), and at the full width, linearly interpolated between measured
+points only. Latency is nearly flat at thin widths (a conv at 8 channels costs most of what it
+costs at 64), so a line from (0, 0) to the first measured point would price thin layers as
+almost free; 0 channels (the space gone) is the only point not measured.
+
+``whole_model`` measures a whole module the same way, which is what the per-layer sum is checked
+and calibrated against (``_methods/channels.py``).
 
 The cache is a JSON file written atomically after each sweep, so tables are reused across runs
 and never half-written.
@@ -42,20 +52,29 @@ class LayerShape:
     padding: tuple[int, int] = (0, 0)
     groups: int = 1
     hw: tuple[int, int] = (1, 1)  # input spatial size (conv); tokens x 1 (linear)
+    dilation: tuple[int, int] = (1, 1)
+    bias: bool = True
 
     def key(self, c_out: int, backend: str, device: str) -> str:
         return (
             f"{backend}|{device}|{self.kind}|b{self.batch}|i{self.c_in}|o{c_out}|"
-            f"k{self.kernel}|s{self.stride}|p{self.padding}|g{self.groups}|hw{self.hw}"
+            f"k{self.kernel}|s{self.stride}|p{self.padding}|d{self.dilation}|g{self.groups}|"
+            f"bias{int(self.bias)}|hw{self.hw}"
         )
 
     @classmethod
-    def of(cls, module: nn.Module, input_shape: tuple[int, ...]) -> LayerShape:
+    def of(
+        cls, module: nn.Module, input_shape: tuple[int, ...], batch: int | None = None
+    ) -> LayerShape:
+        """The shape of ``module`` fed ``input_shape``; ``batch`` replaces its batch dimension
+        (the batch the model is deployed at)."""
+        if batch is not None and input_shape:
+            input_shape = (batch, *input_shape[1:])
         if isinstance(module, nn.Linear):
             tokens = 1
             for d in input_shape[:-1]:
                 tokens *= d
-            return cls("linear", tokens, module.in_features)
+            return cls("linear", tokens, module.in_features, bias=module.bias is not None)
         h, w = input_shape[-2], input_shape[-1]
         if module.padding == "same":  # what 'same' pads (symmetric: exact for odd kernels)
             pad = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
@@ -72,16 +91,84 @@ class LayerShape:
             tuple(pad),
             module.groups,
             (h, w),
+            tuple(module.dilation),
+            module.bias is not None,
         )
 
     def build(self, c_out: int, c_in: int | None = None) -> tuple[nn.Module, torch.Tensor]:
         c_in = self.c_in if c_in is None else c_in
         if self.kind == "linear":
-            return nn.Linear(c_in, c_out), torch.randn(self.batch, c_in)
-        return (
-            nn.Conv2d(c_in, c_out, self.kernel, self.stride, self.padding, groups=self.groups),
-            torch.randn(self.batch, c_in, *self.hw),
+            return nn.Linear(c_in, c_out, bias=self.bias), torch.randn(self.batch, c_in)
+        conv = nn.Conv2d(
+            c_in,
+            c_out,
+            self.kernel,
+            self.stride,
+            self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias,
         )
+        return conv, torch.randn(self.batch, c_in, *self.hw)
+
+
+def width_grid(c_max: int, step: int) -> list[int]:
+    """Output-channel counts a sweep measures: 1, doubling multiples of ``step`` (thin widths,
+    where latency is least linear), at most 8 even intervals above, and ``c_max``."""
+    step = max(1, min(step, c_max))
+    pts = {1, c_max}
+    w = step
+    while w < c_max:
+        pts.add(w)
+        w *= 2
+    stride = max(step, -(-c_max // 8 // step) * step)
+    pts.update(range(stride, c_max, stride))
+    return sorted(p for p in pts if 1 <= p <= c_max)
+
+
+def _layer_onnx(module: nn.Module, x_shape: tuple[int, ...], path: Path) -> None:
+    """A one-layer ONNX file written directly (``onnx.helper``: milliseconds, where the torch
+    exporter takes a large part of a second per layer and a table holds thousands): Conv with
+    the module's attributes, or Gemm (y = x W^T + b) for a linear layer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = module.weight.detach().numpy()
+    inits = [numpy_helper.from_array(w, "W")]
+    names = ["x", "W"]
+    if module.bias is not None:
+        inits.append(numpy_helper.from_array(module.bias.detach().numpy(), "B"))
+        names.append("B")
+    if isinstance(module, nn.Linear):
+        node = helper.make_node("Gemm", names, ["y"], transB=1)
+        y_shape = [x_shape[0], w.shape[0]]
+    else:
+        ph, pw = module.padding
+        node = helper.make_node(
+            "Conv",
+            names,
+            ["y"],
+            kernel_shape=list(module.kernel_size),
+            strides=list(module.stride),
+            pads=[ph, pw, ph, pw],
+            dilations=list(module.dilation),
+            group=module.groups,
+        )
+        y_shape = [x_shape[0], w.shape[0]]
+        for size, k, st, pad, dil in zip(
+            x_shape[2:], module.kernel_size, module.stride, module.padding, module.dilation
+        ):
+            y_shape.append((size + 2 * pad - dil * (k - 1) - 1) // st + 1)
+    graph = helper.make_graph(
+        [node],
+        "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)  # what every supported onnxruntime reads
+    onnx.save(model, str(path))
 
 
 def _device_tag(backend: str, device: str) -> str:
@@ -139,11 +226,10 @@ class LatencyLUT:
             )
             return stats["l"].median_ms
         from .latency import ort_latency
-        from .onnx_export import export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "layer.onnx"
-            export_onnx(module, (x,), path, verify=False)
+            _layer_onnx(module, tuple(x.shape), path)
             return ort_latency({"l": path}, (x,), warmup=self.warmup, repeat=self.repeat)[
                 "l"
             ].median_ms
@@ -158,12 +244,44 @@ class LatencyLUT:
     def sweep(
         self, shape: LayerShape, c_max: int, step: int, c_in: int | None = None
     ) -> np.ndarray:
-        """Latency for every output-channel count 0..c_max (index k), from measurements at
-        multiples of ``step`` (and ``c_max``), linearly interpolated; 0 channels cost 0."""
-        grid = sorted({*range(step, c_max + 1, step), c_max})
+        """Latency for every output-channel count 0..c_max (index k), measured on
+        ``width_grid(c_max, step)`` and interpolated between measured points; index 0 (the layer
+        gone) costs 0."""
+        grid = width_grid(c_max, step)
         values = [self.latency(shape, c, c_in) for c in grid]
         self.save()
-        return np.interp(np.arange(c_max + 1), [0, *grid], [0.0, *values])
+        curve = np.interp(np.arange(c_max + 1), grid, values)
+        curve[0] = 0.0
+        return curve
+
+    def whole_model(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+        """Median latency (ms) of a whole module on this table's backend, measured as its
+        layers are (never cached: what it checks is the table)."""
+        module = module.eval()
+        if self.backend == "torch":
+            module = module.to(self.device)
+            inputs = tuple(x.to(self.device) for x in inputs)
+
+            def fn():
+                with torch.inference_mode():
+                    return module(*inputs)
+
+            stats = time_interleaved(
+                {"m": fn},
+                warmup=self.warmup,
+                repeat=self.repeat,
+                cuda_events=self.device.startswith("cuda"),
+            )
+            return stats["m"].median_ms
+        from .latency import ort_latency
+        from .onnx_export import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            export_onnx(module, inputs, path, verify=False)
+            return ort_latency({"m": path}, inputs, warmup=self.warmup, repeat=self.repeat)[
+                "m"
+            ].median_ms
 
     def save(self) -> None:
         if self.path is not None and self.measured:

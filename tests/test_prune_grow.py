@@ -14,6 +14,7 @@ import nmcompile
 from nmcompile import ConfigError, NMPattern, StepInfo, SupervisedTrainer, data, zoo
 from nmcompile._budgets import layer_densities
 from nmcompile._knapsack import choose_channels, knapsack
+from nmcompile._methods._iee import IEEConfig
 from nmcompile._pattern import nm_group_counts
 from nmcompile.data import TensorLoader
 from nmcompile.runtime.latency_lut import LatencyLUT, LayerShape
@@ -202,12 +203,24 @@ def test_iee_flops_counter_matches_the_appendix_formula():
         update_period=(10, 10, 10),
     )
     d = r.diagnostics
-    assert d["flops_counter_per_sample"] == pytest.approx(
+    # the appendix's convention (exploration 2 zeta_P + zeta_D), followed step by step
+    assert d["flops_appendix_per_sample"] == pytest.approx(
         d["flops_exact_formula_per_sample"], rel=1e-7
     )
-    assert d["flops_counter_per_sample"] == pytest.approx(
+    assert d["flops_appendix_per_sample"] == pytest.approx(
         d["flops_paper_formula_per_sample"], rel=0.1
     )
+    # the counter charges what exploration computes: a dense forward and activation gradient,
+    # and the weight gradient of Theta_P only: 2 zeta_D + (zeta_D - zeta_P) = 3 zeta_D - zeta_P
+    zd = r.flops.dense
+    steps = d["iee_steps"]
+    zb = r.flops.forward({p: 0.2 for p in r.flops.sites})  # the budget: 80% per layer
+    exact = sum(
+        10 * 3 * zb + 10 * 3 * s["zeta_pruned"] + 10 * (3 * zd - s["zeta_pruned"]) for s in steps
+    )
+    exact = (exact + (120 - 30 * len(steps)) * 3 * zb) / 120
+    assert d["flops_counter_per_sample"] == pytest.approx(exact, rel=1e-4)  # k rounds per layer
+    assert d["flops_counter_per_sample"] > 1.3 * d["flops_appendix_per_sample"]
     assert r.history[-1]["train_flops"] == pytest.approx(d["flops_counter_per_sample"] * 120 * 32)
 
 
@@ -229,7 +242,12 @@ def test_iee_metrics_and_rigl_survival():
         update_interval=12,
     )
     assert rigl.history[-1]["update_steps"] == 6
-    assert len(rigl.diagnostics["grown_survival"]) == 5
+    # RigL's cosine decay evaluated at each update's iteration: the first already moves less
+    # than the drop fraction, the one at T_end (72) nothing, so it is skipped
+    fractions = [u["fraction"] for u in rigl.diagnostics["updates"]]
+    assert [u["iteration"] for u in rigl.diagnostics["updates"]] == [12, 24, 36, 48, 60]
+    assert fractions[0] == pytest.approx(0.3 * 0.5 * (1 + np.cos(np.pi * 12 / 72)))
+    assert len(rigl.diagnostics["grown_survival"]) == 4
     # RigL starts grown connections at zero
     before, after = w.trace[10]["2.weight_mask"], w.trace[11]["2.weight_mask"]
     grown = after & ~before
@@ -343,12 +361,38 @@ def test_layer_shapes_and_cache_keys_name_what_was_measured():
     assert tag.startswith("cpu:") and tag.endswith(f"{torch.get_num_threads()}t")
 
 
+def test_lut_keys_hold_every_attribute_that_changes_the_kernel():
+    conv = nn.Conv2d(16, 32, 3, padding=2, dilation=2, bias=False)
+    shape = LayerShape.of(conv, (1, 16, 14, 14), batch=8)
+    assert shape.batch == 8 and shape.dilation == (2, 2) and shape.bias is False
+    plain = LayerShape.of(nn.Conv2d(16, 32, 3, padding=2), (1, 16, 14, 14))
+    assert plain.batch == 1
+    keys = {x.key(32, "ort", "cpu") for x in (shape, plain)}
+    assert len(keys) == 2 and "d(2, 2)" in shape.key(32, "ort", "cpu")
+    built, x = shape.build(24)
+    assert built.dilation == (2, 2) and built.bias is None and x.shape == (8, 16, 14, 14)
+    assert built(x).shape == (*conv(x).shape[:1], 24, *conv(x).shape[2:])
+
+
+def test_thin_widths_are_measured_not_drawn_to_zero(tmp_path, monkeypatch):
+    # measured latency is nearly flat at thin widths: a fixed cost plus a small slope. The old
+    # sweep drew a line from (0, 0) to the first measured width, so one channel cost 1/8 of
+    # eight; every width in use must now come from measurements around it
+    monkeypatch.setattr(LatencyLUT, "_measure", lambda self, shape, c_out, c_in: 1.0 + 0.01 * c_out)
+    lut = LatencyLUT(tmp_path / "lut.json")
+    curve = lut.sweep(LayerShape("conv", 1, 8, (3, 3), hw=(8, 8)), 256, 8)
+    k = np.arange(257)
+    assert curve[0] == 0.0
+    assert np.allclose(curve[1:], 1.0 + 0.01 * k[1:])  # exact for a linear cost, from 1 channel
+    assert lut.measured <= 16  # a thin-dense grid, not every multiple of the step (32 here)
+
+
 def test_latency_lut_measures_once_and_caches(tmp_path):
     path = tmp_path / "lut.json"
     shape = LayerShape("conv", 2, 8, (3, 3), (1, 1), (1, 1), 1, (8, 8))
     lut = LatencyLUT(path, repeat=5)
     curve = lut.sweep(shape, 16, 8)
-    assert len(curve) == 17 and curve[0] == 0 and curve[16] > 0 and lut.measured == 2
+    assert len(curve) == 17 and curve[0] == 0 and curve[16] > 0 and lut.measured == 3  # 1, 8, 16
     again = LatencyLUT(path, repeat=5)
     assert np.allclose(again.sweep(shape, 16, 8), curve) and again.measured == 0
     path.write_text("{not json")
@@ -357,7 +401,15 @@ def test_latency_lut_measures_once_and_caches(tmp_path):
     assert ort.latency(LayerShape("linear", 4, 32), 16) > 0
 
 
-def test_channel_iee_meets_the_latency_budget_and_shrinks(tmp_path):
+def test_channel_iee_meets_the_latency_budget_and_shrinks(tmp_path, monkeypatch):
+    # Timed honestly, resnet20's 8x8 convs cost the same at one channel as at all of them
+    # (fixed per-call cost), so no budget below the dense model exists on this machine; the
+    # table is made a deterministic multiply-add count here, the training and selection real.
+    monkeypatch.setattr(
+        LatencyLUT,
+        "_measure",
+        lambda self, shape, c_out, c_in: 1e-4 * (c_in or shape.c_in) * c_out * shape.kernel[0] ** 2,
+    )
     ds = data.load("digits", batch_size=64, seed=0)
     torch.manual_seed(0)
     model = zoo.create("resnet20", in_channels=1, image_size=8)
@@ -371,12 +423,14 @@ def test_channel_iee_meets_the_latency_budget_and_shrinks(tmp_path):
         latency_budget=0.5,
         update_period=(10, 10, 10),
         latency_cache=str(tmp_path / "lut.json"),
+        latency_calibrate=False,  # the table's view; the clock's is tested below
     )
     d = r.diagnostics
-    assert d["latency_estimate_ms"] <= d["latency_budget_ms"] * 1.0001
+    assert d["latency_estimate_ms"] <= d["latency_lut_budget_ms"] * 1.0001
     assert len(d["channel_steps"]) == 2
     # every step ends within the budget; metrics are channel-level fractions
-    assert all(s["latency_ms"] <= d["latency_budget_ms"] * 1.0001 for s in d["channel_steps"])
+    assert all(s["latency_ms"] <= d["latency_lut_budget_ms"] * 1.0001 for s in d["channel_steps"])
+
     assert d["grown_survival"] and all(0.0 <= v <= 1.0 for v in d["grown_survival"])
     assert d["iou_after_grow"] and all(0.0 < v <= 1.0 for v in d["iou_after_grow"])
     assert r.shrink.params_after < r.shrink.params_before
@@ -392,10 +446,11 @@ def test_channel_iee_meets_the_latency_budget_and_shrinks(tmp_path):
         finetune_iterations=10,
         taylor_iterations=10,
         latency_cache=str(tmp_path / "lut.json"),
+        latency_calibrate=False,
     )
     assert (
         taylor.diagnostics["latency_estimate_ms"]
-        <= taylor.diagnostics["latency_budget_ms"] * 1.0001
+        <= taylor.diagnostics["latency_lut_budget_ms"] * 1.0001
     )
 
 
@@ -493,10 +548,102 @@ def test_channel_iee_prunes_and_regrows_at_every_step(monkeypatch):
     r = nmcompile.compile(
         zoo.create("resnet20", in_channels=1, image_size=8), "iee",
         example_inputs=(ds.example_input(2),), trainer=trainer, total_iterations=120,
-        latency_budget=0.5, update_period=(10, 10, 10),
+        latency_budget=0.5, update_period=(10, 10, 10), latency_calibrate=False,
     )  # fmt: skip
     d = r.diagnostics
     assert len(d["channel_steps"]) == 3
+    budget = d["latency_lut_budget_ms"]
     for step in d["channel_steps"]:
-        assert 0.9 * d["latency_budget_ms"] <= step["latency_ms"] <= d["latency_budget_ms"]
+        assert 0.9 * budget <= step["latency_ms"] <= budget
     assert all(v < 1.0 for v in d["iou_after_prune"])  # channels really moved
+
+
+def test_calibration_lands_the_whole_model_on_the_budget(tmp_path, monkeypatch):
+    # The table's sum is not the clock: a whole model pays fixed costs the layers do not show
+    # and less than their summed per-call overheads. Here the "clock" is a deterministic
+    # affine function of the table's sum (0.6 x + 0.3 of the dense sum), so the test checks
+    # our decisions, not this machine's timing: the calibrated budget lands within 3% where the
+    # uncalibrated one (fraction of the table) misses by far, and an unreachable budget says so.
+    monkeypatch.setattr(
+        LatencyLUT, "_measure", lambda self, shape, c_out, c_in: 0.01 + (c_in or shape.c_in) * c_out
+    )
+    from nmcompile._methods.channels import ChannelProblem
+
+    prob = _channel_problem(tmp_path)
+    prob.calibrate = True
+    full_sum = prob.full_cost
+    monkeypatch.setattr(
+        ChannelProblem, "whole_ms", lambda self, active: 0.6 * self.cost(active) + 0.3 * full_sum
+    )
+    imp = [np.arange(sp.size, dtype=float) for sp in prob.spaces]
+    psi = prob.lut_budget(0.7, imp)
+    keep = prob.select(psi, imp)
+    target = 0.7 * prob.whole_ms([np.ones(sp.size, bool) for sp in prob.spaces])
+    assert abs(prob.whole_ms(keep) / target - 1) <= 0.03
+    naive = prob.select(0.7 * full_sum, imp)
+    assert abs(prob.whole_ms(naive) / target - 1) > 0.03  # what the table alone would do
+    cal = prob.calibration
+    assert cal["table_gap"] == pytest.approx(0.9) and len(cal["points"]) >= 2
+    with pytest.raises(ConfigError, match="smallest structure"):
+        prob.lut_budget(0.2, imp)  # below the fixed 30%: out of reach on this clock
+
+
+def test_taylor_scores_share_one_scale_with_and_without_batchnorm(tmp_path):
+    # a space without BatchNorm used to fall back to the L1 of its rows, orders of magnitude
+    # above the BatchNorm Taylor scores of the other spaces, so the knapsack always kept it.
+    # Now it gets the same first-order estimate one layer earlier: |sum(w * g)| per row.
+    from nmcompile._flops import FlopModel
+    from nmcompile._methods.channels import ChannelProblem
+    from nmcompile._session import Session
+    from nmcompile.passes import find_sites, get_sites, insert_masks, trace
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),  # no BatchNorm after this one
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    gm = trace(net).graph_module
+    find_sites(gm, None, prune_stem=True, prune_classifier=True)
+    insert_masks(gm)
+    x = torch.randn(4, 1, 8, 8)
+    session = Session(
+        gm, get_sites(gm), pattern=None, trainer=None, flops=FlopModel.build(gm, (x,)),
+        fallback_batch=4, example_inputs=(x,),
+    )  # fmt: skip
+    cfg = IEEConfig(latency_budget=0.5, latency_cache=str(tmp_path / "lut.json"))
+    prob = ChannelProblem(session, cfg, "taylor")
+    gm(x).pow(2).mean().backward()
+    prob.accumulate()
+    imp = prob.importance()
+    nobn = next(i for i, b in enumerate(prob.bns) if not b)
+    conv = gm.get_submodule(prob.spaces[nobn].producers[0])
+    expect = ((conv.weight * conv.weight.grad).flatten(1).sum(1) + conv.bias * conv.bias.grad).abs()
+    assert np.allclose(imp[nobn], expect.detach().numpy(), rtol=1e-5, atol=1e-12)
+    l1 = conv.weight.detach().abs().flatten(1).sum(1).numpy()
+    assert imp[nobn].max() < l1.min()  # not the L1 scale any more
+
+
+def test_one_layer_onnx_files_compute_what_the_layer_does(tmp_path):
+    # the table's layers are written straight to ONNX (the exporter is too slow for thousands
+    # of entries); each must be the layer it stands for, attributes included
+    import onnxruntime as ort
+
+    from nmcompile.runtime.latency_lut import _layer_onnx
+
+    cases = [
+        (nn.Conv2d(16, 32, 3, stride=2, padding=2, dilation=2, bias=False), (2, 16, 15, 15)),
+        (nn.Conv2d(8, 16, (3, 1), padding=(1, 0), groups=2), (1, 8, 9, 7)),
+        (nn.Linear(12, 5), (3, 12)),
+    ]
+    for i, (layer, shape) in enumerate(cases):
+        path = tmp_path / f"{i}.onnx"
+        _layer_onnx(layer, shape, path)
+        x = torch.randn(shape)
+        got = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+        assert np.allclose(got, layer(x).detach().numpy(), atol=1e-5)

@@ -8,24 +8,39 @@ pruned site (a channel is dead when its readers' columns are masked; ``shrink_ch
 deletes it, so ``CompileResult.module`` is really smaller).
 
 Cost. ``LatencyLUT`` measures each space's producer layers on the target backend (ONNX Runtime
-CPU or torch) at a grid of output-channel counts and caches the table on disk; a space's cost
-with ``k`` channels is the sum over its producers of ``LUT(c_in, k)``, HALP's
-``T(p^{l-1}, p^l)``: ``c_in`` is the producer's current input width, the active channels of the
-space feeding it, rounded up to a quarter, half or three quarters of its full width (so the
-table holds four curves per layer), and full width for the model's input. Each knapsack prices every space at the widths of the structure it
-starts from, as HALP does; a grown structure is re-priced at its own widths and re-selected under
-a smaller budget when it is over, so no structure exceeds its budget. The budget ``latency_budget`` is a fraction of the full model's total.
+CPU or torch) at the batch the model will be deployed at (``latency_batch``), on a grid of
+output-channel counts that is dense at thin widths (measured, not drawn as a line to zero), and
+caches the table on disk; a space's cost with ``k`` channels is the sum over its producers of
+``LUT(c_in, k)``, HALP's ``T(p^{l-1}, p^l)``: ``c_in`` is the producer's current input width,
+the active channels of the space feeding it, rounded up to a quarter, half or three quarters of
+its full width (so the table holds four curves per layer), and full width for the model's
+input. Each knapsack prices every space at the widths of the structure it starts from, as HALP
+does; a grown structure is re-priced at its own widths and re-selected under a smaller budget
+when it is over, so no structure exceeds its budget.
+
+The budget ``latency_budget`` is a fraction of the dense model's latency *measured whole*. The
+table's per-layer sum is not the clock (a whole model pays for operators the table does not
+hold and not for each layer's call overhead), so with ``latency_calibrate`` (default) the dense
+model and up to three selections are measured whole, each refitting the line from table sum to
+clock, and the knapsack's budget (table units) is set where that line meets the target. The
+result is measured whole at the end: ``diagnostics["latency_measured_ms"]`` against
+``latency_budget_ms``, with the table's gap (``latency_calibration["table_gap"]``). A budget
+below the smallest structure (one channel per space) on the clock is refused with that
+structure's measured fraction.
 
 Importance (``importance``): ``"taylor"``, first-order Taylor on BatchNorm,
 ``|g_gamma * gamma + g_beta * beta|`` summed over the space's BatchNorms and accumulated over
-training steps (L1 of the producers' rows for a space without BatchNorm); or ``"l1"``, the L1
-norm of the producers' rows. Selection: the multiple-choice knapsack of ``_knapsack``, channels
+training steps (for a space without BatchNorm the same estimate on the producers' rows,
+``|sum w * g|``, so every space is on one scale); or ``"l1"``, the L1 norm of the producers'
+rows (also used for every space before any Taylor step). Selection: the multiple-choice knapsack of ``_knapsack``, channels
 kept in importance order inside a space.
 
 A channel's weights are its producers' rows, its readers' columns and its BatchNorm entries
 (affine parameters and running statistics): all of them keep their MRU values while the channel
 is off, and all of the active channels' are frozen during exploration, with the rest of the
-model (``FrozenRest``). Exploration steps are charged ``2 zeta_P + zeta_D``.
+model (``FrozenRest``). Exploration steps are charged what they compute (``_iee.explore_flops``:
+dense forward and activation gradient, the weight gradient of the inactive channels), the
+appendix's ``2 zeta_P + zeta_D`` beside it in the diagnostics.
 
 ``iee`` with ``latency_budget`` runs the IEE step over channels: prune to ``budget - Omega_t`` by
 knapsack over the active channels, improve, explore every inactive channel for Q iterations with
@@ -51,7 +66,16 @@ from .._registry import register_method
 from .._session import Session
 from .._trainer import StepInfo
 from ..passes.channel_graph import ChannelSpace, layer_module
-from .prune_grow import FrozenRest, GradGate, IEEConfig, _LatencyOptions, _Metrics, omega
+from ._iee import (
+    FrozenRest,
+    GradGate,
+    IEEConfig,
+    Metrics,
+    _LatencyOptions,
+    explore_flops,
+    explore_flops_appendix,
+    omega,
+)
 
 __all__ = ["ChannelTaylorConfig"]
 
@@ -94,10 +118,13 @@ class ChannelProblem:
         self.readers = {
             c.module: (i, c.factor) for i, sp in enumerate(self.spaces) for c in sp.consumers
         }
+        self.batch = config.latency_batch
         self.shapes = [
-            [(p, LayerShape.of(gm.get_submodule(p), inputs[p])) for p in sp.producers]
+            [(p, LayerShape.of(gm.get_submodule(p), inputs[p], self.batch)) for p in sp.producers]
             for sp in self.spaces
         ]
+        self.calibrate = bool(getattr(config, "latency_calibrate", False))
+        self.calibration: dict[str, Any] | None = None
         self._curves: dict[tuple, np.ndarray] = {}
         self.curves = [self.curve(i) for i in range(len(self.spaces))]  # at full input widths
         self.full_cost = float(sum(c[-1] for c in self.curves))
@@ -154,7 +181,11 @@ class ChannelProblem:
         return float(sum(self.curve(i, active)[int(a.sum())] for i, a in enumerate(active)))
 
     def accumulate(self) -> None:
-        """Add this step's first-order Taylor score of every channel (BatchNorm gradients)."""
+        """Add this step's first-order Taylor score of every channel: the loss change estimated
+        for zeroing the channel's output, ``|g_gamma * gamma + g_beta * beta|`` on its
+        BatchNorms, or, for a space without BatchNorm, ``|sum of w * g|`` over the producers'
+        row and bias (the same quantity one layer earlier, so both kinds of space compete on
+        one scale in the knapsack)."""
         for i, bns in enumerate(self.bns):
             for bn in bns:
                 if bn.weight is None or bn.weight.grad is None:
@@ -163,19 +194,150 @@ class ChannelProblem:
                 if bn.bias is not None and bn.bias.grad is not None:
                     score = score + bn.bias.grad * bn.bias
                 self.taylor[i] += score.detach().abs().float().cpu()
+            if bns:
+                continue
+            score = None
+            for p in self.spaces[i].producers:
+                mod = self.session.gm.get_submodule(p)
+                if mod.weight.grad is None:
+                    continue
+                row = (mod.weight.detach() * mod.weight.grad).reshape(mod.weight.shape[0], -1)
+                part = row.sum(1)
+                if getattr(mod, "bias", None) is not None and mod.bias.grad is not None:
+                    part = part + mod.bias.detach() * mod.bias.grad
+                score = part if score is None else score + part
+            if score is not None:
+                self.taylor[i] += score.abs().float().cpu()
+
+    def _l1(self, i: int) -> torch.Tensor:
+        t = torch.zeros(self.spaces[i].size)
+        for p in self.spaces[i].producers:
+            w = self.session.gm.get_submodule(p).weight.detach().abs().float().cpu()
+            t += w.reshape(w.shape[0], -1).sum(1)
+        return t
 
     def importance(self) -> list[np.ndarray]:
+        """Per-space channel scores. One criterion for every space of a knapsack: Taylor
+        wherever anything was accumulated, L1 of the producers' rows for ``"l1"`` or before
+        any Taylor step (mixing the two would let the larger-scaled one always win)."""
+        if self.criterion == "l1" or not any(float(t.sum()) > 0.0 for t in self.taylor):
+            return [self._l1(i).numpy() for i in range(len(self.spaces))]
+        return [t.numpy().copy() for t in self.taylor]
+
+    # -- the whole model on the clock --------------------------------------------------------
+    def _latency_inputs(self) -> tuple[torch.Tensor, ...]:
         out = []
-        for i, sp in enumerate(self.spaces):
-            t = self.taylor[i]
-            if self.criterion == "l1" or not self.bns[i] or float(t.sum()) == 0.0:
-                # L1 of the producers' rows (also Taylor's fallback without BatchNorm)
-                t = torch.zeros(sp.size)
-                for p in sp.producers:
-                    w = self.session.gm.get_submodule(p).weight.detach().abs().float().cpu()
-                    t += w.reshape(w.shape[0], -1).sum(1)
-            out.append(t.numpy())
-        return out
+        for x in self.session.example_inputs:
+            x = x.detach().cpu()
+            if self.batch is not None:
+                x = x[:1].expand(self.batch, *x.shape[1:]).contiguous()
+            out.append(x)
+        return tuple(out)
+
+    def whole_ms(self, active: list[np.ndarray]) -> float:
+        """Measured latency of the model with only ``active`` channels, removed for real
+        (``shrink_channels``), on the table's backend and batch."""
+        import copy
+
+        from ..passes import finalize, propagate_shapes, shrink_channels
+
+        gm = copy.deepcopy(self.session.gm).cpu().eval()
+        masks = self.weight_masks(active)
+        with torch.no_grad():
+            for s in self.session.sites:
+                gm.get_buffer(s.mask_target).copy_(masks[s.param].cpu())
+        x = self._latency_inputs()
+        propagate_shapes(gm, x)
+        shrink_channels(gm)
+        finalize(gm)
+        return self.lut.whole_model(gm, x)
+
+    def lut_budget(self, fraction: float, importance: list[np.ndarray]) -> float:
+        """The knapsack's budget (table units) for ``fraction`` of the dense model's latency.
+
+        Without calibration: ``fraction`` of the table's sum. With it, the dense model is
+        measured whole, and selections at the budget are measured too (up to 3): each refits
+        the line from table sum to whole-model time through the last two points (per-layer
+        overheads, operators the table does not hold) and moves the budget onto it, until a
+        selection lands within 3% of ``fraction`` of the dense time. ``calibration`` keeps the
+        points and the gap between the table and the clock."""
+        full = [np.ones(sp.size, bool) for sp in self.spaces]
+        guess = fraction * self.full_cost
+        if not self.calibrate:
+            return guess
+        dense_ms = self.whole_ms(full)
+        target = fraction * dense_ms
+        # (knapsack budget, the selection's table sum, its whole-model time)
+        points = [(self.full_cost, self.full_cost, dense_ms)]
+        floor = self.floor() * 1.01  # the knapsack rounds costs up: room for that
+        guess = max(guess, floor)  # the clock decides whether the budget is out of reach
+        best = None
+        for _ in range(4):
+            keep = self.select(guess, importance)
+            s, t = self.cost(keep), self.whole_ms(keep)
+            points.append((guess, s, t))
+            if best is None or abs(t / target - 1.0) < abs(best[2] / target - 1.0):
+                best = points[-1]
+            if abs(t / target - 1.0) <= 0.03:
+                break
+            if guess <= floor and t > target:
+                raise ConfigError(
+                    f"latency_budget={fraction} asks for {target:.4g} ms, but the smallest "
+                    f"structure (one channel per space) measures {t:.4g} ms whole, "
+                    f"{t / dense_ms:.2f} of the dense {dense_ms:.4g} ms on this backend and "
+                    "batch; raise latency_budget (or deploy at a larger latency_batch, where "
+                    "fixed per-layer costs weigh less)"
+                )
+            # secant on budget -> clock through the last two points: it absorbs both the
+            # table's gap to the clock and how far under its budget the knapsack lands
+            (g1, _, t1), (g2, _, t2) = points[-2], points[-1]
+            slope = (t2 - t1) / (g2 - g1) if abs(g2 - g1) > 1e-12 else 0.0
+            if slope <= 0.0:
+                slope = t2 / g2 if g2 > 0 else 1.0
+            guess = min(max(g2 + (target - t2) / slope, floor), self.full_cost)
+        guess = best[0]
+        self.calibration = {
+            "dense_ms": dense_ms,
+            "table_dense_ms": self.full_cost,
+            "table_gap": dense_ms / self.full_cost,  # whole model / sum of its layers
+            "budget_ms": target,
+            "lut_budget_ms": guess,
+            "points": [[float(x) for x in pt] for pt in points],
+        }
+        return guess
+        dense_ms = self.whole_ms(full)
+        target = fraction * dense_ms
+        points = [(self.full_cost, dense_ms)]
+        floor = self.floor() * 1.01  # the knapsack rounds costs up: room for that
+        guess = max(guess, floor)  # the clock decides whether the budget is out of reach
+        for _ in range(3):
+            keep = self.select(guess, importance)
+            s, t = self.cost(keep), self.whole_ms(keep)
+            points.append((s, t))
+            if abs(t / target - 1.0) <= 0.03:
+                break
+            (s1, t1), (s2, t2) = points[-2], points[-1]
+            slope = (t2 - t1) / (s2 - s1) if abs(s2 - s1) > 1e-12 else 0.0
+            if slope <= 0.0:
+                slope = t / s if s > 0 else 1.0
+            if guess <= floor and t > target:
+                raise ConfigError(
+                    f"latency_budget={fraction} asks for {target:.4g} ms, but the smallest "
+                    f"structure (one channel per space) measures {t:.4g} ms whole, "
+                    f"{t / dense_ms:.2f} of the dense {dense_ms:.4g} ms on this backend and "
+                    "batch; raise latency_budget (or deploy at a larger latency_batch, where "
+                    "fixed per-layer costs weigh less)"
+                )
+            guess = min(max(s + (target - t) / slope, floor), self.full_cost)
+        self.calibration = {
+            "dense_ms": dense_ms,
+            "table_dense_ms": self.full_cost,
+            "table_gap": dense_ms / self.full_cost,  # whole model / sum of its layers
+            "budget_ms": target,
+            "lut_budget_ms": guess,
+            "points": [[float(a), float(b)] for a, b in points],
+        }
+        return guess
 
     def reset(self) -> None:
         self.taylor = [torch.zeros(sp.size) for sp in self.spaces]
@@ -220,6 +382,14 @@ class ChannelProblem:
             keep = self._knapsack(target, importance, allowed, base, context)
             cost = self.cost(keep)
             if cost <= budget * (1 + 1e-9):
+                # priced at wider inputs than it has, the selection lands under its budget:
+                # fill up, re-pricing at the selection's own widths, while it stays within
+                for _ in range(3):
+                    more = self._knapsack(budget, importance, allowed, base, keep)
+                    more_cost = self.cost(more)
+                    if not cost < more_cost <= budget * (1 + 1e-9):
+                        break
+                    keep, cost = more, more_cost
                 return keep
             target *= 0.999 * budget / cost
         if base is None:
@@ -266,14 +436,41 @@ class ChannelProblem:
         return out
 
 
+def _latency_report(
+    prob: ChannelProblem, fraction: float, psi: float, active: list[np.ndarray]
+) -> dict[str, Any]:
+    """Diagnostics of a latency-constrained run: the knapsack's view (table units) and, when
+    calibrated, the clock's (the final model measured whole against the measured budget)."""
+    out: dict[str, Any] = {
+        "latency_lut_budget_ms": psi,
+        "latency_estimate_ms": prob.cost(active),
+        "latency_lut_full_ms": prob.full_cost,
+        "latency_batch": prob.batch,
+        "channels": {",".join(sp.producers): int(a.sum()) for sp, a in zip(prob.spaces, active)},
+    }
+    if prob.calibration is not None:
+        measured = prob.whole_ms(active)
+        budget = prob.calibration["budget_ms"]
+        out.update(
+            latency_budget_ms=budget,
+            latency_full_ms=prob.calibration["dense_ms"],
+            latency_measured_ms=measured,
+            latency_vs_budget=measured / budget,
+            latency_calibration=prob.calibration,
+        )
+    else:
+        out.update(latency_budget_ms=psi, latency_full_ms=prob.full_cost)
+    return out
+
+
 def run_channel_iee(session: Session, config: IEEConfig) -> None:
     prob = ChannelProblem(session, config, config.criterion)
-    psi = config.latency_budget * prob.full_cost
+    psi = prob.lut_budget(config.latency_budget, prob.importance())
     active = prob.select(psi, prob.importance())
     h, j, q = config.update_period
     period = h + j + q
     steps = int(config.stop_fraction * config.total_iterations) // period
-    metrics = _Metrics()
+    metrics = Metrics()
     saved = {s.param: session.weight(s).detach().clone() for s in session.sites}
     bn_names = {
         f"{m}.{attr}"
@@ -286,7 +483,6 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
     bn_saved: dict[tuple[int, int], torch.Tensor] = {}
     state: dict[str, Any] = {"t": 0, "phase": "estimate", "active": active}
     log: list[dict[str, Any]] = []
-    zeta_d = session.flops.dense
 
     def bn_tensors(i: int) -> list[torch.Tensor]:
         return [
@@ -348,9 +544,11 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
             ",".join(sp.producers): torch.from_numpy(c.copy()) for sp, c in zip(prob.spaces, chans)
         }
 
-    def zeta(chans: list[np.ndarray]) -> float:
+    def densities(chans: list[np.ndarray]) -> dict[str, float]:
         masks = prob.weight_masks(chans)
-        return session.flops.forward({p: float(m.float().mean()) for p, m in masks.items()})
+        return {p: float(m.float().mean()) for p, m in masks.items()}
+
+    appendix_gap = {"per_sample": 0.0, "total": 0.0}
 
     masks = apply(active)
     state["masks"] = masks
@@ -367,6 +565,7 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
         if phase == "explore":  # Theta_K frozen: the active channels and the rest of the model
             restore(active_w, state["active"])
             rest.restore()
+            appendix_gap["total"] += appendix_gap["per_sample"] * info.batch_size
         else:  # inactive channels keep their MRU values
             restore({k: ~v for k, v in active_w.items()}, inactive(state["active"]))
         t = state["t"]
@@ -393,7 +592,11 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
             save(state["masks"], state["active"])
             rest.snapshot()
             gate.close(session.gm, explore_trainable(state["masks"], state["active"]))
-            session.step_flops_override = 2.0 * zeta(state["active"]) + zeta_d
+            dens = densities(state["active"])
+            session.step_flops_override = explore_flops(session.flops, dens)
+            appendix_gap["per_sample"] = session.step_flops_override - explore_flops_appendix(
+                session.flops, dens
+            )
             apply([np.ones(sp.size, bool) for sp in prob.spaces])
             prob.reset()
             state["phase"] = "explore"
@@ -430,15 +633,13 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
         session.step_flops_override = None
     apply(state["active"])
     prob.lut.save()
+    samples = max(1, session._samples_seen)
     session.diagnostics.update(
         channel_steps=log,
         **metrics.to_json(),
-        latency_budget_ms=psi,
-        latency_full_ms=prob.full_cost,
-        latency_estimate_ms=prob.cost(state["active"]),
-        channels={
-            ",".join(sp.producers): int(a.sum()) for sp, a in zip(prob.spaces, state["active"])
-        },
+        flops_counter_per_sample=session.train_flops / samples,
+        flops_appendix_per_sample=(session.train_flops - appendix_gap["total"]) / samples,
+        **_latency_report(prob, config.latency_budget, psi, state["active"]),
     )
     session.end_round(
         phase="channel sparse training",
@@ -487,15 +688,13 @@ def run_channel_taylor(session: Session, config: ChannelTaylorConfig) -> None:
     if config.pretrain_iterations:
         session.train(config.pretrain_iterations, on_step)
         session.end_round(phase="dense")
-    keep = prob.select(config.latency_budget * prob.full_cost, prob.importance())
+    imp = prob.importance()
+    psi = prob.lut_budget(config.latency_budget, imp)
+    keep = prob.select(psi, imp)
     masks = prob.weight_masks(keep)
     for s in session.sites:
         session.set_mask(s, masks[s.param])
     session.train(config.finetune_iterations)
-    session.diagnostics.update(
-        latency_budget_ms=config.latency_budget * prob.full_cost,
-        latency_full_ms=prob.full_cost,
-        latency_estimate_ms=prob.cost(keep),
-        channels={",".join(sp.producers): int(a.sum()) for sp, a in zip(prob.spaces, keep)},
-    )
+    prob.lut.save()
+    session.diagnostics.update(**_latency_report(prob, config.latency_budget, psi, keep))
     session.end_round(phase="pruned", latency_estimate_ms=prob.cost(keep))
