@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 
 import pytest
@@ -419,6 +420,19 @@ def test_trainer_adamw_and_warmup():
     step = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(model.parameters(), before)])
     moved = step[step > 0]
     assert moved.numel() > 0 and torch.allclose(moved, torch.full_like(moved, 0.01), rtol=1e-2)
+
+
+def test_trainer_cosine_schedule_anneals_to_zero_after_warmup():
+    with pytest.raises(ConfigError, match="schedule must be 'step' or 'cosine'"):
+        SupervisedTrainer([], schedule="linear")
+    with pytest.raises(ConfigError, match="milestones belong to schedule='step'"):
+        SupervisedTrainer([], schedule="cosine", milestones=(0.5,))
+    xb, yb = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    t = SupervisedTrainer([(xb, yb)], lr=0.1, warmup=2, schedule="cosine", progress=False)
+    lrs = []
+    t.train(_mlp(), 10, lambda info: lrs.append(info.lr))
+    expect = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert lrs == pytest.approx(expect)
 
 
 def test_dict_batches_reach_data_driven_methods_by_name():
