@@ -28,7 +28,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +169,18 @@ def load(path: Path = CLAIMS) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["entries"] if path.exists() else []
 
 
-def update(entries: Sequence[Mapping[str, Any] | None], path: Path = CLAIMS) -> list[dict]:
-    """Merge ``entries`` into the claims file (an entry replaces the one with its key)."""
+def update(
+    entries: Sequence[Mapping[str, Any] | None],
+    path: Path = CLAIMS,
+    *,
+    drop: Callable[[Mapping[str, Any]], bool] | None = None,
+) -> list[dict]:
+    """Merge ``entries`` into the claims file (an entry replaces the one with its key). ``drop``:
+    existing entries it returns True for are removed first (a benchmark replacing everything it
+    judged before, e.g. a verdict from partial data that changed regime)."""
     from nmcompile._io import atomic_write_json
 
-    merged = {_key(e): e for e in load(path)}
+    merged = {_key(e): e for e in load(path) if drop is None or not drop(e)}
     for e in entries:
         if e is not None:
             merged[_key(e)] = dict(e)

@@ -87,6 +87,18 @@ if [ -d data/fashion-mnist ]; then
     step lth_resnet20_cuda "${LTH_GPU_S:-150}" $PY benchmarks/lth_fashion_mnist.py --device cuda \
         --model resnet20 --iterations 2000 --patterns 2:4 --seeds 0,1,2 \
         --methods dense-1r,dense,asp,mimp,mimp-rand,lmimp --out "$OUT/lth_resnet20_cuda.jsonl"
+    # dynamic sparse training and learned N:M on resnet20, 10 epochs: IEE / RigL / static at
+    # 90% and LBC / SR-STE at 1:16, one process per seed appending to one log
+    cp -n benchmarks/results/dst_resnet20_cuda.jsonl "$OUT/" 2>/dev/null || true
+    for seed in 0 1 2; do
+        timeout -k 20 "${DST_GPU_S:-240}" $PY benchmarks/dst_converged.py --device cuda \
+            --model resnet20 --iterations 4690 --no-prune-stem --settings "90% uniform" \
+            --patterns 1:16 --seeds "$seed" --out "$OUT/dst_resnet20_cuda.jsonl" \
+            >"$OUT/dst_resnet20_cuda_$seed.log" 2>&1 &
+    done
+    wait
+    tail -n 5 "$OUT"/dst_resnet20_cuda_*.log
+    say "dst_resnet20_cuda: done"
 else
     say "no data/fashion-mnist in the checkout: the claims' GPU runs are skipped"
 fi

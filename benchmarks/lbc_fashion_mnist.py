@@ -52,6 +52,8 @@ def _vit(in_channels: int, image: int, classes: int) -> nn.Module:
 
 def _run(args, model_name: str, seed: int, method: str, pattern: str) -> dict[str, Any]:
     ds = data.load(args.dataset, batch_size=args.batch_size, seed=seed)
+    if args.device != "cpu":
+        ds.to(args.device)  # batches sliced on the GPU, same order
     c, h, _ = ds.input_shape
     torch.manual_seed(seed)
     model = (
@@ -65,6 +67,7 @@ def _run(args, model_name: str, seed: int, method: str, pattern: str) -> dict[st
         lr=args.lr if model_name != "vit" else args.vit_lr,
         milestones=(0.5, 0.75),
         progress=False,
+        device=args.device,
     )
     it = args.iterations
     opts: dict[str, Any] = {"seed": seed}
@@ -148,6 +151,7 @@ def main() -> None:
     ap.add_argument(
         "--vit-patterns", default="2:4", help="patterns for the small ViT run ('' none)"
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (training; latency stays ORT CPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.model = args.model or ("cnn" if args.quick else "resnet20")

@@ -73,6 +73,9 @@ def test_judge_update_and_results_md(tmp_path):
     assert text.count(claims.BEGIN) == 1 and "## First section" in text
     assert text.index("Intro.") < text.index(claims.BEGIN) < text.index("## First section")
     assert "**did not hold**" in text and "(short run)" in text
+    # a benchmark replacing everything it judged: the short-run entry of the same schedule goes
+    left = claims.update([again], path, drop=lambda x: x["regime"] == "short")
+    assert [x["regime"] for x in left] == ["converged"]
 
 
 def _eb_rows(stops, iterations=8000):
