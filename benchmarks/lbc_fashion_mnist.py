@@ -65,7 +65,7 @@ def _run(args, model_name: str, seed: int, method: str, pattern: str) -> dict[st
         ds.train,
         ds.val,
         lr=args.lr if model_name != "vit" else args.vit_lr,
-        milestones=(0.5, 0.75),
+        schedule="cosine",  # the paper's; a step drop at 1/2 would coincide with t_f
         progress=False,
         device=args.device,
     )
@@ -167,6 +167,7 @@ def main() -> None:
         "iterations": args.iterations,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "schedule": "cosine",  # rows logged before this key existed used steps at 1/2 and 3/4
     }
     log = RunLog(out, setting)
     runs = log.runs
