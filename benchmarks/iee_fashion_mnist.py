@@ -9,7 +9,10 @@ lookup table); both shrunk models are timed on ONNX Runtime CPU.
 Claim tested: IEE > RigL > static at equal training FLOPs. IEE's exploration steps cost more
 than a sparse step, so besides the runs at equal iterations, RigL and static are run again for as
 many iterations as bring their training FLOPs to IEE's (``rigl =FLOPs``, ``static =FLOPs``), and
-the claim is judged on those. Finished runs are appended to a JSON-lines file; the sweep resumes
+the claim is judged on those. FLOPs here are the counter's, as computed (an exploration step's
+dense forward and activation gradient included; the appendix convention charges less, see
+``_methods/_iee.py``); the converged regime, with IEE shortened as the paper does, is
+``dst_converged.py``. Finished runs are appended to a JSON-lines file; the sweep resumes
 where it stopped.
 
     python benchmarks/iee_fashion_mnist.py              # resnet20, Fashion-MNIST (hours on CPU)
