@@ -5,7 +5,7 @@ Each group (a channel space) offers options ``k = 0..K``: keep its ``k`` most im
 ``sum(top-k importances)`` and cost ``cost[k]`` (its measured latency with ``k`` channels). The
 solver picks one option per group maximising the total value with total cost within the budget.
 Costs are scaled to integers (``resolution`` units for the whole budget) and the DP runs over
-groups x budget units; ties keep more channels.
+groups x budget units; ties keep more channels. A non-finite cost forbids its option.
 """
 
 from __future__ import annotations
@@ -37,11 +37,14 @@ def knapsack(
     # Round costs up so the integer solution never exceeds the real budget. A negative cost
     # (measured latency that drops when channels are added: tile alignment, or noise; HALP's
     # "negative latency contribution") counts as free, which can only overestimate the total.
-    icost = [
-        np.maximum(np.ceil(np.asarray(c, dtype=np.float64) * scale - 1e-9), 0).astype(np.int64)
-        for c in costs
-    ]
     cap = resolution
+    # a non-finite cost marks an option that may not be chosen (a channel count off the grid)
+    icost = []
+    for c in costs:
+        c = np.asarray(c, dtype=np.float64)
+        ok = np.isfinite(c)
+        scaled = np.maximum(np.ceil(np.where(ok, c, 0.0) * scale - 1e-9), 0)
+        icost.append(np.where(ok, np.minimum(scaled, cap + 1), cap + 1).astype(np.int64))
     neg = -np.inf
     best = np.full(cap + 1, neg)
     best[0] = 0.0

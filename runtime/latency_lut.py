@@ -257,31 +257,45 @@ class LatencyLUT:
     def whole_model(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
         """Median latency (ms) of a whole module on this table's backend, measured as its
         layers are (never cached: what it checks is the table)."""
-        module = module.eval()
+        return self.whole_models({"m": module}, inputs)["m"]
+
+    def whole_models(
+        self, modules: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...]
+    ) -> dict[str, float]:
+        """Median latency (ms) of several whole modules, timed interleaved in one run, so that
+        their ratio holds while the machine's load drifts (on a shared 2-core machine the same
+        dense model measured minutes apart differed by 60%)."""
         if self.backend == "torch":
-            module = module.to(self.device)
             inputs = tuple(x.to(self.device) for x in inputs)
+            fns = {}
+            for name, module in modules.items():
+                module = module.eval().to(self.device)
 
-            def fn():
-                with torch.inference_mode():
-                    return module(*inputs)
+                def fn(module=module):
+                    with torch.inference_mode():
+                        return module(*inputs)
 
+                fns[name] = fn
             stats = time_interleaved(
-                {"m": fn},
+                fns,
                 warmup=self.warmup,
                 repeat=self.repeat,
                 cuda_events=self.device.startswith("cuda"),
             )
-            return stats["m"].median_ms
+            return {k: v.median_ms for k, v in stats.items()}
         from .latency import ort_latency
         from .onnx_export import export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            export_onnx(module, inputs, path, verify=False)
-            return ort_latency({"m": path}, inputs, warmup=self.warmup, repeat=self.repeat)[
-                "m"
-            ].median_ms
+            paths = {}
+            for i, (name, module) in enumerate(modules.items()):
+                paths[name] = Path(tmp) / f"model{i}.onnx"
+                export_onnx(module.eval(), inputs, paths[name], verify=False)
+            # whole models are few and decide the budget: more samples than a table entry
+            stats = ort_latency(
+                paths, inputs, warmup=max(self.warmup, 5), repeat=max(self.repeat, 20)
+            )
+            return {k: v.median_ms for k, v in stats.items()}
 
     def save(self) -> None:
         if self.path is not None and self.measured:

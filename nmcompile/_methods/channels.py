@@ -20,9 +20,12 @@ when it is over, so no structure exceeds its budget.
 
 The budget ``latency_budget`` is a fraction of the dense model's latency *measured whole*. The
 table's per-layer sum is not the clock (a whole model pays for operators the table does not
-hold and not for each layer's call overhead), so with ``latency_calibrate`` (default) the dense
-model and up to three selections are measured whole, each refitting the line from table sum to
-clock, and the knapsack's budget (table units) is set where that line meets the target. The
+hold and not for each layer's call overhead), so with ``latency_calibrate`` (default) up to
+four selections are measured whole, each interleaved with the dense model in one timing run (a
+ratio that holds while the machine's load drifts), and the knapsack's budget (table units) is
+moved along the secant through the last two points until the measured fraction is within 3%.
+Selections keep channel counts on the ``channel_step`` grid (kernels run channel blocks), and
+each is filled up to its budget at its own input widths. The
 result is measured whole at the end: ``diagnostics["latency_measured_ms"]`` against
 ``latency_budget_ms``, with the table's gap (``latency_calibration["table_gap"]``). A budget
 below the smallest structure (one channel per space) on the clock is refused with that
@@ -170,10 +173,28 @@ class ChannelProblem:
             self._curves[key] = curve
         return self._curves[key]
 
+    def on_grid(self, i: int) -> np.ndarray:
+        """Bool per channel count 0..size of space ``i``: the counts a selection may keep,
+        multiples of ``channel_step`` and the full width (all counts for a space narrower than
+        a step). Kernels run channel blocks (ONNX Runtime's CPU convs blocks of 8 or 16): an
+        off-grid count costs a padded block or a slower path that the table, measured on the
+        grid, does not see."""
+        size = self.spaces[i].size
+        k = np.arange(size + 1)
+        if size <= self.step:
+            return k >= 1
+        return ((k % self.step == 0) & (k > 0)) | (k == size)
+
+    def _smallest(self, i: int) -> int:
+        return int(np.flatnonzero(self.on_grid(i))[0])
+
     def floor(self, context: list[np.ndarray] | None = None) -> float:
-        """Latency of the smallest structure a selection may return (one channel per space),
-        priced at the widths ``context`` gives: per-layer overheads the budget cannot go below."""
-        return float(sum(self.curve(i, context)[1] for i in range(len(self.spaces))))
+        """Latency of the smallest structure a selection may return (the smallest grid count
+        per space), priced at the widths ``context`` gives: per-layer costs the budget cannot
+        go below."""
+        return float(
+            sum(self.curve(i, context)[self._smallest(i)] for i in range(len(self.spaces)))
+        )
 
     def cost(self, active: list[np.ndarray]) -> float:
         """Latency of the model with ``active`` channels, each space priced at the widths
@@ -234,9 +255,9 @@ class ChannelProblem:
             out.append(x)
         return tuple(out)
 
-    def whole_ms(self, active: list[np.ndarray]) -> float:
-        """Measured latency of the model with only ``active`` channels, removed for real
-        (``shrink_channels``), on the table's backend and batch."""
+    def deployed(self, active: list[np.ndarray]) -> fx.GraphModule:
+        """A CPU copy of the model with only ``active`` channels, removed for real
+        (``shrink_channels``) and finalized, as it would be deployed."""
         import copy
 
         from ..passes import finalize, propagate_shapes, shrink_channels
@@ -246,98 +267,75 @@ class ChannelProblem:
         with torch.no_grad():
             for s in self.session.sites:
                 gm.get_buffer(s.mask_target).copy_(masks[s.param].cpu())
-        x = self._latency_inputs()
-        propagate_shapes(gm, x)
+        propagate_shapes(gm, self._latency_inputs())
         shrink_channels(gm)
         finalize(gm)
-        return self.lut.whole_model(gm, x)
+        return gm
+
+    def measure(self, active: list[np.ndarray]) -> tuple[float, float]:
+        """Measured latency (ms) of the model with only ``active`` channels and of the dense
+        model, timed interleaved in one run on the table's backend and batch."""
+        full = [np.ones(sp.size, bool) for sp in self.spaces]
+        stats = self.lut.whole_models(
+            {"model": self.deployed(active), "dense": self.deployed(full)},
+            self._latency_inputs(),
+        )
+        return stats["model"], stats["dense"]
 
     def lut_budget(self, fraction: float, importance: list[np.ndarray]) -> float:
         """The knapsack's budget (table units) for ``fraction`` of the dense model's latency.
 
-        Without calibration: ``fraction`` of the table's sum. With it, the dense model is
-        measured whole, and selections at the budget are measured too (up to 3): each refits
-        the line from table sum to whole-model time through the last two points (per-layer
-        overheads, operators the table does not hold) and moves the budget onto it, until a
-        selection lands within 3% of ``fraction`` of the dense time. ``calibration`` keeps the
-        points and the gap between the table and the clock."""
-        full = [np.ones(sp.size, bool) for sp in self.spaces]
+        Without calibration: ``fraction`` of the table's sum. With it, selections are
+        measured whole, each interleaved with the dense model (up to 4), and the budget moves
+        along the secant through the last two (budget, measured fraction) points until a
+        selection lands within 3% of ``fraction``; the closest is kept. ``calibration`` keeps
+        the points and the gap between the table and the clock. A budget the smallest
+        structure cannot reach on the clock is refused."""
         guess = fraction * self.full_cost
         if not self.calibrate:
             return guess
-        dense_ms = self.whole_ms(full)
-        target = fraction * dense_ms
-        # (knapsack budget, the selection's table sum, its whole-model time)
-        points = [(self.full_cost, self.full_cost, dense_ms)]
+        # (knapsack budget, the selection's table sum, its time / the dense time, dense ms)
+        points = [(self.full_cost, self.full_cost, 1.0, None)]
         floor = self.floor() * 1.01  # the knapsack rounds costs up: room for that
         guess = max(guess, floor)  # the clock decides whether the budget is out of reach
         best = None
         for _ in range(4):
             keep = self.select(guess, importance)
-            s, t = self.cost(keep), self.whole_ms(keep)
-            points.append((guess, s, t))
-            if best is None or abs(t / target - 1.0) < abs(best[2] / target - 1.0):
+            s = self.cost(keep)
+            t, dense_ms = self.measure(keep)
+            points.append((guess, s, t / dense_ms, dense_ms))
+            if best is None or abs(points[-1][2] / fraction - 1.0) < abs(best[2] / fraction - 1):
                 best = points[-1]
-            if abs(t / target - 1.0) <= 0.03:
+            ratio = points[-1][2]
+            if abs(ratio / fraction - 1.0) <= 0.03:
                 break
-            if guess <= floor and t > target:
+            if guess <= floor and ratio > fraction:
                 raise ConfigError(
-                    f"latency_budget={fraction} asks for {target:.4g} ms, but the smallest "
-                    f"structure (one channel per space) measures {t:.4g} ms whole, "
-                    f"{t / dense_ms:.2f} of the dense {dense_ms:.4g} ms on this backend and "
-                    "batch; raise latency_budget (or deploy at a larger latency_batch, where "
-                    "fixed per-layer costs weigh less)"
+                    f"latency_budget={fraction} is out of reach: the smallest structure "
+                    f"(channel_step={self.step} channels per space) measures {ratio:.2f} of the "
+                    f"dense model's {dense_ms:.4g} ms whole on this backend and batch; raise "
+                    "latency_budget (or deploy at a larger latency_batch, where fixed per-layer "
+                    "costs weigh less)"
                 )
-            # secant on budget -> clock through the last two points: it absorbs both the
-            # table's gap to the clock and how far under its budget the knapsack lands
-            (g1, _, t1), (g2, _, t2) = points[-2], points[-1]
-            slope = (t2 - t1) / (g2 - g1) if abs(g2 - g1) > 1e-12 else 0.0
+            # secant on budget -> measured fraction through the last two points: it absorbs
+            # the table's gap to the clock and how far under its budget the knapsack lands
+            (g1, _, r1, _), (g2, _, r2, _) = points[-2], points[-1]
+            slope = (r2 - r1) / (g2 - g1) if abs(g2 - g1) > 1e-12 else 0.0
             if slope <= 0.0:
-                slope = t2 / g2 if g2 > 0 else 1.0
-            guess = min(max(g2 + (target - t2) / slope, floor), self.full_cost)
-        guess = best[0]
+                slope = r2 / g2 if g2 > 0 else 1.0
+            guess = min(max(g2 + (fraction - r2) / slope, floor), self.full_cost)
+        dense = [p[3] for p in points[1:]]
+        dense_ms = float(np.median(dense))
         self.calibration = {
             "dense_ms": dense_ms,
             "table_dense_ms": self.full_cost,
             "table_gap": dense_ms / self.full_cost,  # whole model / sum of its layers
-            "budget_ms": target,
-            "lut_budget_ms": guess,
-            "points": [[float(x) for x in pt] for pt in points],
+            "budget_ms": fraction * dense_ms,
+            "lut_budget_ms": best[0],
+            # [knapsack budget, table sum, measured fraction of dense, dense ms beside it]
+            "points": [[float(x) if x is not None else None for x in pt] for pt in points],
         }
-        return guess
-        dense_ms = self.whole_ms(full)
-        target = fraction * dense_ms
-        points = [(self.full_cost, dense_ms)]
-        floor = self.floor() * 1.01  # the knapsack rounds costs up: room for that
-        guess = max(guess, floor)  # the clock decides whether the budget is out of reach
-        for _ in range(3):
-            keep = self.select(guess, importance)
-            s, t = self.cost(keep), self.whole_ms(keep)
-            points.append((s, t))
-            if abs(t / target - 1.0) <= 0.03:
-                break
-            (s1, t1), (s2, t2) = points[-2], points[-1]
-            slope = (t2 - t1) / (s2 - s1) if abs(s2 - s1) > 1e-12 else 0.0
-            if slope <= 0.0:
-                slope = t / s if s > 0 else 1.0
-            if guess <= floor and t > target:
-                raise ConfigError(
-                    f"latency_budget={fraction} asks for {target:.4g} ms, but the smallest "
-                    f"structure (one channel per space) measures {t:.4g} ms whole, "
-                    f"{t / dense_ms:.2f} of the dense {dense_ms:.4g} ms on this backend and "
-                    "batch; raise latency_budget (or deploy at a larger latency_batch, where "
-                    "fixed per-layer costs weigh less)"
-                )
-            guess = min(max(s + (target - t) / slope, floor), self.full_cost)
-        self.calibration = {
-            "dense_ms": dense_ms,
-            "table_dense_ms": self.full_cost,
-            "table_gap": dense_ms / self.full_cost,  # whole model / sum of its layers
-            "budget_ms": target,
-            "lut_budget_ms": guess,
-            "points": [[float(a), float(b)] for a, b in points],
-        }
-        return guess
+        return best[0]
 
     def reset(self) -> None:
         self.taylor = [torch.zeros(sp.size) for sp in self.spaces]
@@ -382,19 +380,31 @@ class ChannelProblem:
             keep = self._knapsack(target, importance, allowed, base, context)
             cost = self.cost(keep)
             if cost <= budget * (1 + 1e-9):
-                # priced at wider inputs than it has, the selection lands under its budget:
-                # fill up, re-pricing at the selection's own widths, while it stays within
-                for _ in range(3):
-                    more = self._knapsack(budget, importance, allowed, base, keep)
-                    more_cost = self.cost(more)
-                    if not cost < more_cost <= budget * (1 + 1e-9):
-                        break
-                    keep, cost = more, more_cost
-                return keep
+                return self._fill(keep, cost, target, budget, importance, allowed, base, context)
             target *= 0.999 * budget / cost
         if base is None:
             return keep  # best effort: the diagnostics report its estimate against the budget
         return self._knapsack(budget, importance, allowed, base, None)
+
+    def _fill(self, keep, cost, target, budget, importance, allowed, base, context):
+        """Priced at wider inputs than it ends with, a selection lands under its budget (by a
+        sixth on resnet18). Bisect the knapsack's own budget for the largest selection whose
+        cost at its own widths stays within ``budget``."""
+        lo, best, best_cost = target, keep, cost
+        hi = target * max(1.0, budget / max(cost, 1e-12)) * 1.25
+        for _ in range(7):
+            if best_cost >= budget * 0.995:
+                break
+            mid = 0.5 * (lo + hi)
+            cand = self._knapsack(mid, importance, allowed, base, context)
+            c = self.cost(cand)
+            if c <= budget * (1 + 1e-9):
+                lo = mid
+                if c > best_cost:
+                    best, best_cost = cand, c
+            else:
+                hi = mid
+        return best
 
     def _knapsack(
         self,
@@ -413,7 +423,10 @@ class ChannelProblem:
             k0 = int(base[i].sum())
             full = self.curve(i, context)
             imps.append(np.where(cand, importance[i], -np.inf)[cand])
-            curves.append(full[k0 : k0 + int(cand.sum()) + 1] - full[k0])
+            options = full[k0 : k0 + int(cand.sum()) + 1] - full[k0]
+            grid = self.on_grid(i)[k0 : k0 + int(cand.sum()) + 1].copy()
+            grid[0] = grid[0] or k0 > 0  # adding nothing to a kept base is always allowed
+            curves.append(np.where(grid, options, np.inf))
         extra = budget - sum(self.curve(i, context)[int(b.sum())] for i, b in enumerate(base))
         picks = choose_channels(
             imps, curves, max(extra, 1e-9), minimum=0 if any(b.any() for b in base) else 1
@@ -449,13 +462,12 @@ def _latency_report(
         "channels": {",".join(sp.producers): int(a.sum()) for sp, a in zip(prob.spaces, active)},
     }
     if prob.calibration is not None:
-        measured = prob.whole_ms(active)
-        budget = prob.calibration["budget_ms"]
+        measured, dense_now = prob.measure(active)
         out.update(
-            latency_budget_ms=budget,
-            latency_full_ms=prob.calibration["dense_ms"],
+            latency_budget_ms=fraction * dense_now,
+            latency_full_ms=dense_now,
             latency_measured_ms=measured,
-            latency_vs_budget=measured / budget,
+            latency_vs_budget=measured / (fraction * dense_now),
             latency_calibration=prob.calibration,
         )
     else:
