@@ -208,6 +208,9 @@ def markdown(entries: Sequence[Mapping[str, Any]]) -> str:
         for key, against in (("flops_ratio_vs_mimp", "mIMP"), ("flops_ratio_vs_others", "them")):
             if e.get(key):
                 means += f"; {e[key]:.1f}x fewer training FLOPs than {against}"
+        if e.get("flops_ratio_a_b"):
+            convention = str(e.get("flops_convention", "")).replace(":", " ").split(" ")[0]
+            means += f"; training FLOPs {a} / {b} = {e['flops_ratio_a_b']:.2f}x ({convention})"
         lines.append(
             f"| {e['paper']} | {e['claim']} ({e['source']}) | {e['model']}, {e['dataset']}, "
             f"{e['setting']} | {regime} | {len(e['seeds'])} | {means} | {a} - {b}: "
