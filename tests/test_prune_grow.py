@@ -586,6 +586,15 @@ def test_calibration_lands_the_whole_model_on_the_budget(tmp_path, monkeypatch):
     assert abs(prob.measure(naive)[0] / target - 1) > 0.03  # what the table alone would do
     cal = prob.calibration
     assert cal["table_gap"] == pytest.approx(0.9) and len(cal["points"]) >= 2
+    # a structure trained away from the budget (here: selected at 60% of it) is moved back
+    # onto it, growing by importance on top of what it keeps
+    off = prob.select(0.6 * psi, imp)
+    moved, _ = prob.settle(0.7, 0.6 * psi, off, imp)
+    miss_before = abs(prob.measure(off)[0] / target - 1)
+    miss_after = abs(prob.measure(moved)[0] / target - 1)
+    assert miss_after < 0.5 * miss_before  # (this small CNN moves in steps of 8 channels)
+    assert all((m | ~o).all() for m, o in zip(moved, off))  # nothing it kept was dropped
+    assert prob.settle(0.7, psi, keep, imp) is None  # already within 5%: left alone
     with pytest.raises(ConfigError, match="out of reach"):
         prob.lut_budget(0.2, imp)  # below the fixed 30%: out of reach on this clock
 

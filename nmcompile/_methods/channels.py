@@ -337,6 +337,28 @@ class ChannelProblem:
         }
         return best[0]
 
+    def settle(
+        self, fraction: float, psi: float, active: list[np.ndarray], importance: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], float] | None:
+        """Move a trained structure onto the measured budget: measure it interleaved with the
+        dense model and, while its fraction is more than 5% off ``fraction`` (at most twice),
+        prune within it or grow onto it at a budget scaled by the miss. Returns the new
+        structure and budget, or None when it was already within 5%."""
+        moved = None
+        for _ in range(2):
+            t, dense = self.measure(active)
+            ratio = t / dense
+            self.calibration.setdefault("settle", []).append([float(psi), float(ratio)])
+            if abs(ratio / fraction - 1.0) <= 0.05:
+                break
+            psi = psi * fraction / ratio
+            if ratio > fraction:
+                active = self.select(psi, importance, allowed=active)
+            else:
+                active = self.select(psi, importance, base=active)
+            moved = (active, psi)
+        return moved
+
     def reset(self) -> None:
         self.taylor = [torch.zeros(sp.size) for sp in self.spaces]
 
@@ -643,6 +665,13 @@ def run_channel_iee(session: Session, config: IEEConfig) -> None:
         restore(state["masks"], state["active"])
         rest.restore()
         session.step_flops_override = None
+    if prob.calibration is not None:
+        # the budget was calibrated on the starting structure; the one training ended with
+        # has other widths, so measure it against the dense model and, if it is more than 5%
+        # off, move it onto the budget: prune within it or grow onto it by the last importance
+        settled = prob.settle(config.latency_budget, psi, state["active"], prob.importance())
+        if settled is not None:
+            state["active"], psi = settled
     apply(state["active"])
     prob.lut.save()
     samples = max(1, session._samples_seen)
