@@ -677,3 +677,18 @@ def test_selections_keep_channel_counts_on_the_grid(tmp_path, monkeypatch):
         assert prob.cost(keep) <= frac * prob.full_cost * (1 + 1e-9)
         # filled: the selection uses the budget up to what the grid's steps allow
         assert prob.cost(keep) >= 0.8 * frac * prob.full_cost
+
+
+def test_measure_times_the_deployed_structure_beside_the_dense_model(tmp_path):
+    # the real path the calibration uses (no patched clock): the structure is shrunk for real
+    # and timed interleaved with the dense model on the table's backend (ORT here)
+    prob = _channel_problem(tmp_path)
+    prob.lut.backend, prob.lut.repeat, prob.lut.warmup = "ort", 3, 1
+    half = [np.arange(sp.size) < max(8, sp.size // 2) for sp in prob.spaces]
+    small = prob.deployed(half)
+    dense = prob.deployed([np.ones(sp.size, bool) for sp in prob.spaces])
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in dense.parameters())
+    x = prob._latency_inputs()
+    assert small(*x).shape == dense(*x).shape
+    t, t_dense = prob.measure(half)
+    assert t > 0 and t_dense > 0 and prob._dense is not None

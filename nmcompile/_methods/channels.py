@@ -128,6 +128,7 @@ class ChannelProblem:
         ]
         self.calibrate = bool(getattr(config, "latency_calibrate", False))
         self.calibration: dict[str, Any] | None = None
+        self._dense: fx.GraphModule | None = None  # the dense model as deployed, for timing
         self._curves: dict[tuple, np.ndarray] = {}
         self.curves = [self.curve(i) for i in range(len(self.spaces))]  # at full input widths
         self.full_cost = float(sum(c[-1] for c in self.curves))
@@ -275,10 +276,10 @@ class ChannelProblem:
     def measure(self, active: list[np.ndarray]) -> tuple[float, float]:
         """Measured latency (ms) of the model with only ``active`` channels and of the dense
         model, timed interleaved in one run on the table's backend and batch."""
-        full = [np.ones(sp.size, bool) for sp in self.spaces]
+        if self._dense is None:  # its latency does not depend on the weights: deploy it once
+            self._dense = self.deployed([np.ones(sp.size, bool) for sp in self.spaces])
         stats = self.lut.whole_models(
-            {"model": self.deployed(active), "dense": self.deployed(full)},
-            self._latency_inputs(),
+            {"model": self.deployed(active), "dense": self._dense}, self._latency_inputs()
         )
         return stats["model"], stats["dense"]
 
