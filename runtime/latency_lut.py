@@ -14,8 +14,9 @@ points only. Latency is nearly flat at thin widths (a conv at 8 channels costs m
 costs at 64), so a line from (0, 0) to the first measured point would price thin layers as
 almost free; 0 channels (the space gone) is the only point not measured.
 
-``whole_model`` measures a whole module the same way, which is what the per-layer sum is checked
-and calibrated against (``_methods/channels.py``).
+``whole_models`` measures whole modules the same way, interleaved (never cached: what they check
+is the table), which is what the per-layer sum is checked and calibrated against
+(``_methods/channels.py``).
 
 The cache is a JSON file written atomically after each sweep, so tables are reused across runs
 and never half-written.
@@ -253,11 +254,6 @@ class LatencyLUT:
         curve = np.interp(np.arange(c_max + 1), grid, values)
         curve[0] = 0.0
         return curve
-
-    def whole_model(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
-        """Median latency (ms) of a whole module on this table's backend, measured as its
-        layers are (never cached: what it checks is the table)."""
-        return self.whole_models({"m": module}, inputs)["m"]
 
     def whole_models(
         self, modules: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...]
