@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import _dist
+from . import _dist, _resume
 from ._config import MethodConfig
 from ._errors import ConfigError, ExportError, InputError, NMCompileWarning
 from ._flops import FlopModel, _batch_size, count_total
@@ -519,7 +519,9 @@ def compile(
             example_inputs=inputs,
         )
         session.check_finite(f"in the {type(model).__name__} given to compile")
+        checkpoints = _resume.setup(session, config)
         spec.run(session, config)
+        _resume.report(session, config, checkpoints)
 
     if opts.debug and site_pattern is not None:
         nm_invariant(site_pattern)(gm)

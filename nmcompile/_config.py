@@ -15,7 +15,11 @@ from typing import Any, ClassVar, Self
 
 from ._errors import ConfigError, UnknownOptionError
 
-__all__ = ["MethodConfig", "check_float", "check_int"]
+__all__ = ["RUN_CONTROL", "CheckpointedConfig", "MethodConfig", "check_float", "check_int"]
+
+# Options that say where and whether to checkpoint, not what the run computes: a resumed run may
+# differ in them from the run that wrote the checkpoint.
+RUN_CONTROL = ("checkpoint_dir", "resume", "keep_checkpoints", "max_rounds", "checkpoint_every")
 
 
 def _fmt(value: Any) -> str:
@@ -67,9 +71,16 @@ class MethodConfig:
     def __post_init__(self) -> None:
         check_int(self, "seed", 0)
         self.validate()
+        if hasattr(self, "checkpoint_dir"):
+            check_checkpoint_options(self)
 
     def validate(self) -> None:
         """Subclasses check their fields here (``check_int`` / ``check_float``)."""
+
+    def run_key(self) -> dict[str, Any]:
+        """The config without run-control options: what a checkpoint must match to be resumed."""
+        body = self.to_json()["config"]
+        return {k: v for k, v in body.items() if k not in RUN_CONTROL}
 
     @classmethod
     def options(cls) -> list[str]:
@@ -106,3 +117,41 @@ class MethodConfig:
             if isinstance(value, list) and "tuple" in hint.lower():
                 body[key] = tuple(value)
         return cls.from_options(body)
+
+
+def check_checkpoint_options(cfg: Any) -> None:
+    """Validate ``checkpoint_dir`` / ``resume`` / ``keep_checkpoints`` (and ``checkpoint_every``
+    where the config has it); a path-like ``checkpoint_dir`` becomes a str."""
+    where = type(cfg).__name__
+    check_int(cfg, "keep_checkpoints", 1)
+    if getattr(cfg, "checkpoint_every", None) is not None:
+        check_int(cfg, "checkpoint_every", 1)
+    if not isinstance(cfg.resume, bool):
+        raise ConfigError(f"{where}.resume must be True or False")
+    if cfg.resume and not cfg.checkpoint_dir:
+        raise ConfigError(
+            f"{where}.resume=True needs checkpoint_dir: the folder the interrupted run wrote its "
+            "checkpoints to"
+        )
+    if cfg.checkpoint_dir is not None and not isinstance(cfg.checkpoint_dir, str):
+        object.__setattr__(cfg, "checkpoint_dir", str(cfg.checkpoint_dir))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointedConfig(MethodConfig):
+    """Checkpoints of a method that trains in one run (not in rounds).
+
+    ``checkpoint_dir``: save the whole run state (weights, masks, optimizer, the method's own
+    state, the data stream's position and generators, RNG states, history) every
+    ``checkpoint_every`` optimizer steps (None: 1000) and at the end of every training phase,
+    atomically, keeping the newest ``keep_checkpoints``. ``resume=True`` continues from the newest
+    good checkpoint and ends bit for bit where the uninterrupted run would have (see
+    ``diagnostics["resume_exact"]``).
+    """
+
+    DEFAULT_CHECKPOINT_EVERY: ClassVar[int] = 1000
+
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2

@@ -30,6 +30,7 @@ from ._errors import NMCompileError
 
 __all__ = [
     "DistributedMismatchError",
+    "all_gather_object",
     "broadcast_",
     "broadcast_module_",
     "broadcast_object",
@@ -151,6 +152,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     _dist().broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable, small), in rank order; ``[obj]`` in one process."""
+    if not enabled():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    _dist().all_gather_object(out, obj)
+    return out
 
 
 def _digest(tensors: Iterable[torch.Tensor]) -> bytes:

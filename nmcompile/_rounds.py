@@ -29,26 +29,15 @@ import numpy as np
 import torch
 
 from . import _dist
-from ._checkpoint import (
-    find_latest,
-    load_round,
-    remove_stale_temps,
-    rounds_in,
-    save_round,
-    set_aside,
-)
+from ._checkpoint import choose_latest, load_round, prepare_folder, save_round
 from ._config import MethodConfig, check_float, check_int
 from ._errors import ConfigError
-from ._io import ensure_dir
 from ._session import Session
 from ._trainer import OnStep, StepInfo
 
 __all__ = ["IterativeConfig", "RoundEngine", "RoundMethod", "mask_distance", "pack_masks"]
 
 _REWIND_MODES = ("snapshot", "reinit")
-# Options that say where and whether to checkpoint, not what the run computes: a resumed run may
-# differ in them from the run that wrote the checkpoint.
-_RUN_CONTROL = ("checkpoint_dir", "resume", "keep_checkpoints", "max_rounds")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,27 +73,12 @@ class IterativeConfig(MethodConfig):
                 f"{self.rewind!r}"
             )
         check_int(self, "max_rounds", 1)
-        check_int(self, "keep_checkpoints", 1)
-        if not isinstance(self.resume, bool):
-            raise ConfigError(f"{type(self).__name__}.resume must be True or False")
-        if self.resume and not self.checkpoint_dir:
-            raise ConfigError(
-                f"{type(self).__name__}.resume=True needs checkpoint_dir: the folder the "
-                "interrupted run wrote its rounds to"
-            )
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
-            object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
 
     @property
     def rewind_at(self) -> int:
         if self.rewind_iteration is not None:
             return self.rewind_iteration
         return round(0.05 * self.iterations_per_round)
-
-    def run_key(self) -> dict[str, Any]:
-        """The config without run-control options: what a checkpoint must match to be resumed."""
-        body = self.to_json()["config"]
-        return {k: v for k, v in body.items() if k not in _RUN_CONTROL}
 
 
 class RoundMethod:
@@ -263,26 +237,10 @@ class RoundEngine:
             self._checkpoint(done=True)
 
     def _prepare_folder(self) -> None:
-        """On rank 0: the folder is writable (checked before any training), free of temp files
-        a killed writer left, and not another run's unless this run resumes."""
-        cfg = self.config
-        ensure_dir(cfg.checkpoint_dir, what="checkpoint folder")
-        remove_stale_temps(cfg.checkpoint_dir)
-        if not cfg.resume and rounds_in(cfg.checkpoint_dir):
-            newest = rounds_in(cfg.checkpoint_dir)[-1]
-            raise ConfigError(
-                f"checkpoint_dir {cfg.checkpoint_dir!r} already holds the rounds of a run "
-                f"(newest: round-{newest:04d}.pt); pass resume=True to continue it, or a fresh "
-                "checkpoint_dir for a new run"
-            )
+        prepare_folder(self.config.checkpoint_dir, resume=self.config.resume)
 
     def _choose_round(self) -> int | None:
-        """On rank 0: the newest usable round; newer torn or corrupt rounds are set aside, so
-        the rounds this run writes next are never taken for older ones."""
-        folder = self.config.checkpoint_dir
-        latest = find_latest(folder, self._meta)
-        set_aside(folder, [r for r in rounds_in(folder) if latest is None or r > latest])
-        return latest
+        return choose_latest(self.config.checkpoint_dir, self._meta)
 
     def _annotate_history(self) -> None:
         """Per-round diagnostics known only at the end go into the rounds' history records:
@@ -368,11 +326,11 @@ class RoundEngine:
         return {"mask_hamming": matrix, **self.method.finish(self)}
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _state(self, done: bool) -> dict[str, Any]:
+    def _state(self, done: bool, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "round": self.round,
             "done": done,
-            "session": self.session.state_dict(),
+            "session": self.session.state_dict(ranks),
             "snapshot": self.snapshot,
             "init_state": self.init_state,
             "mask_history": list(self.mask_history),
@@ -382,11 +340,15 @@ class RoundEngine:
         }
 
     def _checkpoint(self, *, done: bool) -> None:
-        if self.config.checkpoint_dir and _dist.is_main():
+        if not self.config.checkpoint_dir:
+            return
+        # every rank's RNG and data-stream state; rank 0 writes
+        ranks = _dist.all_gather_object(self.session.rank_state())
+        if _dist.is_main():
             save_round(
                 self.config.checkpoint_dir,
                 self.round if not done else self.round + 1,
-                self._state(done),
+                self._state(done, ranks),
                 {**self._meta, "written_by_rank": _dist.rank()},
                 keep=self.config.keep_checkpoints,
             )

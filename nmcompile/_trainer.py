@@ -24,6 +24,7 @@ from torch import nn
 
 from . import _dist
 from ._errors import ConfigError, InputError
+from ._loaders import epoch_state, generators, inexact_reason, restore_epoch_state, set_epoch
 
 __all__ = ["OnStep", "StepInfo", "SupervisedTrainer", "Trainer"]
 
@@ -118,6 +119,8 @@ class _ShardedLoader:
             collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory,
             drop_last=loader.drop_last,
+            generator=loader.generator,  # the workers' base seeds
+            worker_init_fn=loader.worker_init_fn,
         )
         self.epoch = 0
 
@@ -279,7 +282,10 @@ class SupervisedTrainer:
         self.unsharded_train_loader: Any = None
         self._it: Any = None
         self._position = 0
-        self._epoch_rng: torch.Tensor | None = None  # global RNG state when the epoch began
+        self._epoch = 0  # epochs begun (a DataLoader's DistributedSampler is told each)
+        self._epoch_state: dict[str, Any] | None = None  # what this epoch's order was drawn from
+        self._live: dict[str, Any] | None = None  # the train call in progress
+        self._resume_train: dict[str, Any] | None = None  # a call to continue (load_state_dict)
         self._world = 1
 
     def _setup_distributed(self) -> None:
@@ -315,10 +321,12 @@ class SupervisedTrainer:
         shorter than an epoch still walk through the whole dataset."""
         for attempt in range(2):
             if self._it is None:
-                # a shuffling DataLoader draws its epoch's order from the global RNG here; keep
-                # the state it drew from, so a resumed run can redraw the same order
-                self._epoch_rng = torch.get_rng_state()
+                # an epoch's order (and a DataLoader's worker seeds) are drawn when the iterator
+                # is made: keep what they are drawn from, so a resumed run can redraw them
+                set_epoch(self.train_loader, self._epoch)
+                self._epoch_state = epoch_state(self.train_loader)
                 self._it = iter(self.train_loader)
+                self._epoch += 1
                 self._position = 0
             try:
                 batch = next(self._it)
@@ -334,42 +342,97 @@ class SupervisedTrainer:
             "dataset (check batch_size and drop_last)"
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where the data stream is (epoch state of the loader, batches consumed in the epoch), so
-        a resumed run sees the same batches as an uninterrupted one."""
+    def inexact_reason(self) -> str | None:
+        """None when a run resumed from this trainer's state sees exactly the batches of the
+        uninterrupted run; else why it cannot (see ``nmcompile._loaders``)."""
+        loader = self.unsharded_train_loader
+        return inexact_reason(self.train_loader if loader is None else loader)
+
+    def stream_state(self) -> dict[str, Any]:
+        """Where the data stream is: the loader's own epoch state, the epochs begun, the batches
+        consumed in this one and what its order was drawn from."""
         self._setup_distributed()
         loader_state = getattr(self.train_loader, "state_dict", None)
+        live = self._it is not None
         return {
-            "position": self._position if self._it is not None else 0,
+            "position": self._position if live else 0,
             "loader": loader_state() if callable(loader_state) else None,
-            "epoch_rng": self._epoch_rng if self._it is not None else None,
+            "epoch": self._epoch,
+            "epoch_state": self._epoch_state if live else None,
+            # where the loader's generators are now (anything else that drew from them since
+            # the epoch began, e.g. a batch drawn for scoring, is put back after the replay)
+            "generators": [g.get_state() for g in generators(self.train_loader)],
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data stream (:meth:`stream_state`) and, when called from inside ``train`` (an
+        ``on_step`` callback), the call in progress: its length, the steps taken, the optimizer's
+        state and the parameters it holds. ``load_state_dict`` then makes the next ``train``
+        call of the same length continue it."""
+        state = self.stream_state()
+        live = self._live
+        state["train"] = (
+            None
+            if live is None
+            else {
+                "iterations": live["iterations"],
+                "step": live["step"],
+                "params": list(live["params"]),
+                "optimizer": live["opt"].state_dict(),
+            }
+        )
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._setup_distributed()
         if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
+        self._epoch = int(state.get("epoch", 0))
+        self._resume_train = state.get("train")
         position = int(state.get("position", 0))
         self._it, self._position = None, 0
-        if position:
-            if hasattr(self.train_loader, "iter_from"):
-                self._it, self._position = self.train_loader.iter_from(position), position
-            else:
-                # Replay the epoch from the RNG state it began with (a RandomSampler's order);
-                # the caller restores the run's own RNG state afterwards.
-                with torch.random.fork_rng(devices=[]):
-                    if state.get("epoch_rng") is not None:
-                        torch.set_rng_state(state["epoch_rng"])
-                    for _ in range(position):
-                        self._next_batch()
-                self._epoch_rng = state.get("epoch_rng")
+        if not position:
+            return
+        if hasattr(self.train_loader, "iter_from"):
+            self._it, self._position = self.train_loader.iter_from(position), position
+            return
+        # Replay the epoch from what its order was drawn from; the caller restores the run's own
+        # RNG state afterwards. (Checkpoints from before epoch_state saved the global RNG only.)
+        saved = state.get("epoch_state")
+        with torch.random.fork_rng(devices=[]):
+            if saved is not None:
+                restore_epoch_state(self.train_loader, saved)
+            elif state.get("epoch_rng") is not None:
+                torch.set_rng_state(state["epoch_rng"])
+            self._epoch = max(0, self._epoch - 1)  # the epoch being replayed begins again
+            for _ in range(position):
+                self._next_batch()
+        now = state.get("generators")
+        if now is not None:
+            for g, st in zip(generators(self.train_loader), now):
+                g.set_state(st)
 
     def train(self, model: nn.Module, iterations: int, on_step: OnStep | None = None) -> None:
+        resume, self._resume_train = self._resume_train, None
         if iterations <= 0:
             return
         self._setup_distributed()
         model.to(self.device).train()
-        params = [p for p in model.parameters() if p.requires_grad]
+        every = list(model.parameters())
+        start = 0
+        if resume is not None:
+            # continue the call a checkpoint was taken in: same length, same optimizer over the
+            # same parameters (some may have stopped training since, e.g. LBC's chosen scores)
+            if int(resume["iterations"]) != iterations:
+                raise ConfigError(
+                    f"SupervisedTrainer: the checkpoint was taken in a train call of "
+                    f"{resume['iterations']} iterations, this call asks for {iterations}; resume "
+                    "with the options of the interrupted run"
+                )
+            start, chosen = int(resume["step"]), [int(i) for i in resume["params"]]
+        else:
+            chosen = [i for i, p in enumerate(every) if p.requires_grad]
+        params = [every[i] for i in chosen]
         net = model
         if self._world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -393,10 +456,13 @@ class SupervisedTrainer:
             opt = torch.optim.SGD(
                 params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
             )
+        if resume is not None:
+            opt.load_state_dict(resume["optimizer"])
         from tqdm.auto import tqdm
 
         bar = tqdm(
             total=iterations,
+            initial=start,
             desc="train",
             leave=False,
             # None: tqdm shows the bar only on a terminal; other ranks never show one
@@ -405,8 +471,9 @@ class SupervisedTrainer:
             else (None if self.progress is None else not self.progress),
             dynamic_ncols=True,
         )
+        self._live = {"iterations": iterations, "step": start, "opt": opt, "params": chosen}
         try:
-            for step in range(iterations):
+            for step in range(start, iterations):
                 lr = self._lr_at(step, iterations)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -415,6 +482,7 @@ class SupervisedTrainer:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                self._live["step"] = step + 1
                 bar.update(1)
                 if step % 20 == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
@@ -423,6 +491,7 @@ class SupervisedTrainer:
                     if on_step(StepInfo(step + 1, batch_size, loss.detach(), lr)):
                         break
         finally:
+            self._live = None
             bar.close()
 
     @torch.no_grad()

@@ -77,9 +77,22 @@ def _build_parser() -> argparse.ArgumentParser:
         help="training iterations per round of iterative methods (imp, mimp, lmimp, eb, ...; "
         "default per dataset)",
     )
-    run.add_argument("--checkpoint-dir", default=None, help="save every round here")
     run.add_argument(
-        "--resume", action="store_true", help="continue from the last round in --checkpoint-dir"
+        "--checkpoint-dir",
+        default=None,
+        help="save the run here: every round, or every --checkpoint-every iterations of a "
+        "single-run method",
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="iterations between checkpoints of single-run methods (default 1000)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest good checkpoint in --checkpoint-dir",
     )
     run.add_argument("--batch-size", type=int, default=None)
     run.add_argument("--lr", type=float, default=None)
@@ -311,25 +324,33 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     d = _DEFAULTS.get(key, _DEFAULTS["fashion-mnist"])
     fields = spec.config_cls.options()
     iterative = "iterations_per_round" in fields
-    for flag, value in (("--checkpoint-dir", args.checkpoint_dir), ("--resume", args.resume)):
-        if value and "checkpoint_dir" not in fields:
-            rounds = sorted(
-                n for n in methods() if "checkpoint_dir" in get_method(n).config_cls.options()
-            )
+    for flag, value, field in (
+        ("--checkpoint-dir", args.checkpoint_dir, "checkpoint_dir"),
+        ("--resume", args.resume, "checkpoint_dir"),
+        ("--checkpoint-every", args.checkpoint_every, "checkpoint_every"),
+    ):
+        if value and field not in fields:
+            keeping = sorted(n for n in methods() if field in get_method(n).config_cls.options())
             raise ConfigError(
-                f"{flag} applies to the methods that train in rounds ({', '.join(rounds)}); "
-                f"{args.method!r} keeps no checkpoints: drop {flag}"
+                f"{flag} applies to the methods {', '.join(keeping)}; {args.method!r} does not "
+                f"take it: drop {flag}"
             )
     for flag, value in (
         ("--lr", args.lr),
         ("--batch-size", args.batch_size),
         ("--iterations", args.iterations),
+        ("--checkpoint-every", args.checkpoint_every),
     ):
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
     # Iterative methods train from the initialisation themselves (round 0 is the dense round).
     default_pretrain = 0 if iterative else d["pretrain"]
     pretrain = default_pretrain if args.pretrain_iterations is None else args.pretrain_iterations
+    if "pretrain_iterations" in fields and "checkpoint_dir" in fields and args.checkpoint_dir:
+        # the method pre-trains itself, inside its checkpoints
+        options_pretrain, pretrain = pretrain, 0
+    else:
+        options_pretrain = None
     finetune = d["finetune"] if args.finetune_iterations is None else args.finetune_iterations
     batch = args.batch_size or d["batch"]
     lr = args.lr or d["lr"]
@@ -342,6 +363,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         options["checkpoint_dir"] = args.checkpoint_dir
     if args.resume:
         options["resume"] = True
+    if args.checkpoint_every:
+        options["checkpoint_every"] = args.checkpoint_every
+    if options_pretrain is not None:
+        options.setdefault("pretrain_iterations", options_pretrain)
     options.setdefault("seed", args.seed)
     general = {k: v for k, v in options.items() if k in _GENERAL}
     config = spec.config_cls.from_options(

@@ -102,11 +102,10 @@ def test_run_errors_are_clear(tmp_path, capsys):
     )
     assert "unknown option ['bogus']" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()  # refused before anything was written or trained
-    assert (
-        main(["run", "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "z")]) == 2
-    )
+    argv = ["run", "--method", "channel-taylor", "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main([*argv, "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
-    assert "--checkpoint-dir applies to the methods that train in rounds" in err and "mimp" in err
+    assert "--checkpoint-dir applies to the methods" in err and "mimp" in err and "lbc" in err
     assert not (tmp_path / "z").exists() and not (tmp_path / "ck").exists()
     assert main(["run", "--lr", "0", "--out", str(tmp_path / "z")]) == 2
     assert "--lr must be > 0, got 0.0" in capsys.readouterr().err

@@ -692,7 +692,7 @@ def test_resume_is_exact_with_a_shuffling_dataloader(tmp_path):
 
 def test_a_fresh_run_refuses_a_folder_holding_another_runs_rounds(tmp_path):
     _digits_run(tmp_path / "a", "imp")
-    with pytest.raises(ConfigError, match=r"already holds the rounds of a run.*resume=True"):
+    with pytest.raises(ConfigError, match=r"already holds the checkpoints of a run.*resume=True"):
         _digits_run(tmp_path / "a", "imp")
 
 

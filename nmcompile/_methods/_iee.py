@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .._config import MethodConfig, check_float, check_int
+from .._config import CheckpointedConfig, check_float, check_int
 from .._errors import ConfigError
 from .._flops import FlopModel
 from .._session import Session
@@ -32,7 +32,7 @@ NEVER_USED_INIT = ("zero", "initial")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _SparseTrainingConfig(MethodConfig):
+class _SparseTrainingConfig(CheckpointedConfig):
     """``target_sparsity``: unstructured at this global sparsity (layer split by
     ``layer_budget``); None: the compile ``pattern`` (N:M)."""
 
@@ -140,6 +140,12 @@ class IEEConfig(_LatencyOptions, _UpdatingConfig):
             raise ConfigError(
                 "IEEConfig: give target_sparsity (weights) or latency_budget (channels), not both"
             )
+        if self.latency_budget is not None and self.checkpoint_dir is not None:
+            raise ConfigError(
+                "IEEConfig: checkpoint_dir is not supported with latency_budget (channel IEE): "
+                "its budget comes from latency measurements a resumed run could not repeat. "
+                "Drop checkpoint_dir, or use weight / N:M IEE"
+            )
         ok = (
             isinstance(self.update_period, (tuple, list))
             and len(self.update_period) == 3
@@ -214,25 +220,36 @@ class FrozenRest:
         self.gm = session.gm
         self.owned = {s.param for s in session.sites} | {s.mask_target for s in session.sites}
         self.owned |= set(skip)
-        self._live: list[torch.Tensor] = []
+        self._live: list[torch.Tensor] | None = None
         self._saved: list[torch.Tensor] | None = None
 
-    def snapshot(self) -> None:
-        # resolved now, not at construction: moving the model to a device replaces buffers
-        self._live = [
+    def _resolve(self) -> list[torch.Tensor]:
+        # resolved late, not at construction: moving the model to a device replaces buffers
+        return [
             t for name, t in self.gm.state_dict(keep_vars=True).items() if name not in self.owned
         ]
+
+    def snapshot(self) -> None:
+        self._live = self._resolve()
         self._saved = [t.detach().clone() for t in self._live]
 
     def restore(self) -> None:
         if self._saved is None:
             return
+        if self._live is None:  # loaded from a checkpoint before the model moved
+            self._live = self._resolve()
         with torch.no_grad():
             for t, v in zip(self._live, self._saved):
                 t.copy_(v)
 
     def release(self) -> None:
         self._saved = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": self._saved}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._saved, self._live = state["saved"], None
 
 
 class GradGate:
@@ -261,7 +278,8 @@ class GradGate:
                 self._handles.append(p.register_hook(torch.zeros_like))
             else:
                 keep = keep.to(p.device)
-                self._handles.append(p.register_hook(lambda g, k=keep: g * k))
+                # .to(): a gate closed from a checkpoint sees the model before it moves
+                self._handles.append(p.register_hook(lambda g, k=keep: g * k.to(g.device)))
 
     def open(self) -> None:
         for h in self._handles:
@@ -302,6 +320,16 @@ class Metrics:
             self.iou_grow.append(_iou(self._after_grow, active))
         self._after_grow = _copy(active)
         self._grown = _copy(grown)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lists": (list(self.iou_prune), list(self.iou_grow), list(self.survival)),
+            "masks": (self._after_prune, self._after_grow, self._grown),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iou_prune, self.iou_grow, self.survival = (list(x) for x in state["lists"])
+        self._after_prune, self._after_grow, self._grown = state["masks"]
 
     def to_json(self) -> dict[str, Any]:
         return {

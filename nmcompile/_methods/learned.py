@@ -40,11 +40,11 @@ import math
 import torch
 from torch import nn
 
-from .._config import MethodConfig, check_float, check_int
+from .._config import CheckpointedConfig, check_float, check_int
 from .._errors import ConfigError
 from .._pattern import NMPattern, group_view
 from .._registry import register_method
-from .._session import Session
+from .._session import Session, Tracked
 from .._trainer import StepInfo
 
 __all__ = [
@@ -161,7 +161,7 @@ class SRSTEMasker(nn.Module):
 
 # -- configs and methods ---------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LBCConfig(MethodConfig):
+class LBCConfig(CheckpointedConfig):
     """LBC: ``total_iterations`` of training; candidates removed over ``removal_window`` (fractions
     of training; the paper uses (0, 1/2)). ``removal_interval``: iterations between removal steps
     of Eq. 6; None: one epoch of the trainer's ``train_loader`` (the paper steps per epoch, so
@@ -191,7 +191,7 @@ class LBCConfig(MethodConfig):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SRSTEConfig(MethodConfig):
+class SRSTEConfig(CheckpointedConfig):
     """SR-STE: ``total_iterations`` of training with the refined STE (``lam``, 2e-4)."""
 
     total_iterations: int = 3000
@@ -203,7 +203,7 @@ class SRSTEConfig(MethodConfig):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class STEConfig(MethodConfig):
+class STEConfig(CheckpointedConfig):
     """STE: magnitude N:M every forward, plain straight-through gradient."""
 
     total_iterations: int = 3000
@@ -265,6 +265,14 @@ def run_lbc(session: Session, config: LBCConfig) -> None:
         counts.append(state["alive"])
         remove_for(info.iteration + 1)  # before the next forward, as Algorithm 1 removes
 
+    def load_state(saved: dict) -> None:
+        state.update(saved["state"])
+        counts[:] = saved["counts"]
+
+    # the scores and surviving candidates are the maskers' own parameters and buffers
+    session.track(
+        "lbc", Tracked(lambda: {"state": dict(state), "counts": list(counts)}, load_state)
+    )
     remove_for(1)
     session.train(config.total_iterations, on_step)
     if state["alive"] > 1:  # training ended inside the window: choose now

@@ -94,7 +94,7 @@ from typing import Any
 
 import torch
 
-from .._config import MethodConfig, check_float, check_int
+from .._config import CheckpointedConfig, check_float, check_int
 from .._errors import ConfigError
 from .._pattern import NMPattern, group_view, nm_mask
 from .._registry import register_method
@@ -106,7 +106,7 @@ from .._rounds import (
     mask_distance,
     pack_masks,
 )
-from .._session import Session
+from .._session import Session, Tracked
 from .._shaping import global_unstructured
 from .._trainer import StepInfo
 
@@ -678,7 +678,7 @@ def run_lmimp(session: Session, config: LMIMPConfig) -> None:
 
 # -- EB ------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EBConfig(MethodConfig):
+class EBConfig(CheckpointedConfig):
     """Early-bird N:M: ``iterations_per_round`` is the dense budget (cut short by the detector),
     ``finetune_iterations`` (None: one more round) the training of the drawn ticket."""
 
@@ -730,6 +730,12 @@ def run_eb(session: Session, config: EBConfig) -> None:
             return True
         return False
 
+    def load_state(saved: dict[str, Any]) -> None:
+        queue.clear()
+        queue.extend(saved["queue"])
+        found.update(saved["found"])
+
+    session.track("eb", Tracked(lambda: {"queue": list(queue), "found": dict(found)}, load_state))
     steps = session.train(config.iterations_per_round, hook)
     session.end_round(
         phase="dense", early_bird_iteration=found["iteration"], round_iterations=steps

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from .._config import MethodConfig, check_float, check_int
+from .._config import CheckpointedConfig, check_float, check_int
 from .._criteria import magnitude, random_scores
 from .._registry import register_method
 from .._session import Session
@@ -26,7 +26,7 @@ __all__ = ["ASPConfig", "OMPConfig", "RandomConfig"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _OneShotConfig(MethodConfig):
+class _OneShotConfig(CheckpointedConfig):
     pretrain_iterations: int = 0
     finetune_iterations: int = 1000
 

@@ -53,7 +53,7 @@ from .._budgets import layer_densities
 from .._errors import ConfigError
 from .._pattern import NMPattern, group_view
 from .._registry import register_method
-from .._session import Session
+from .._session import Session, Tracked
 from .._trainer import StepInfo
 from ._iee import (
     FrozenRest,
@@ -100,8 +100,14 @@ class _Structure:
                 for s in self.sites:
                     session.weight(s).masked_fill_(~self.active[s.param], 0.0)
         self.saved = {s.param: session.weight(s).detach().clone() for s in self.sites}
-        self.frozen: dict[str, torch.Tensor] | None = None
         self.apply(self.active)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": self.active, "saved": self.saved, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active, self.saved = dict(state["active"]), dict(state["saved"])
+        self.gen.set_state(state["gen"])
 
     def _random_mask(self, site) -> torch.Tensor:
         w = self.session.weight(site)
@@ -218,6 +224,12 @@ class _Importance:
         for a in self.acc.values():
             a.zero_()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"acc": self.acc}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.acc = dict(state["acc"])
+
     def scores(self) -> dict[str, torch.Tensor]:
         if self.criterion == "magnitude":
             return _magnitude(self.st)
@@ -254,6 +266,31 @@ def run_iee_schedule(session: Session, config: IEEConfig, *, hooks: Callable | N
     # the appendix convention, charged beside the counter: what the counter charges more per
     # sample of an exploration step, summed (so train_flops - extra = the appendix's count)
     appendix_gap = {"per_sample": 0.0, "total": 0.0}
+
+    def save_state() -> dict[str, Any]:
+        return {
+            "state": dict(state),
+            "log": list(log),
+            "appendix_gap": dict(appendix_gap),
+            "structure": st.state_dict(),
+            "importance": importance.state_dict(),
+            "metrics": metrics.state_dict(),
+            "rest": rest.state_dict(),
+        }
+
+    def load_state(saved: dict[str, Any]) -> None:
+        state.clear()
+        state.update(saved["state"])
+        log[:] = saved["log"]
+        appendix_gap.update(saved["appendix_gap"])
+        st.load_state_dict(saved["structure"])
+        importance.load_state_dict(saved["importance"])
+        metrics.load_state_dict(saved["metrics"])
+        rest.load_state_dict(saved["rest"])
+        if state["phase"] == "explore":  # Theta_K's gradients stay gated, as they were
+            gate.close(session.gm, [(session.weight(x), ~st.active[x.param]) for x in st.sites])
+
+    session.track("iee", Tracked(save_state, load_state))
 
     def on_step(info: StepInfo) -> None:
         i = info.iteration
@@ -423,6 +460,25 @@ def _run_drop_grow(session: Session, config: RigLConfig, grow_rule: str) -> None
     state = {"t": 0}
     updates: list[dict[str, float]] = []
 
+    def load_state(saved: dict[str, Any]) -> None:
+        state.update(saved["state"])
+        updates[:] = saved["updates"]
+        st.load_state_dict(saved["structure"])
+        metrics.load_state_dict(saved["metrics"])
+
+    session.track(
+        config.name,
+        Tracked(
+            lambda: {
+                "state": dict(state),
+                "updates": list(updates),
+                "structure": st.state_dict(),
+                "metrics": metrics.state_dict(),
+            },
+            load_state,
+        ),
+    )
+
     def on_step(info: StepInfo) -> None:
         st.follow_device()
         st.restore(st.inactive())
@@ -492,6 +548,7 @@ def run_set(session: Session, config: SETConfig) -> None:
 )
 def run_static(session: Session, config: StaticConfig) -> None:
     st = _Structure(session, config)
+    session.track("static", st)
 
     def on_step(info: StepInfo) -> None:
         st.follow_device()
