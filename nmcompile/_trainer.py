@@ -9,7 +9,15 @@ FLOP accounting charges.
 Each ``train`` call is one round: a fresh optimizer and a learning-rate schedule that starts over
 (the lottery-ticket convention: the optimizer is re-created every round). The data stream does
 not start over: it continues where the last call stopped, and ``state_dict`` records where that is
-so a resumed run sees the same batches.
+(and, called from inside a ``train`` call, the call itself: the step and the optimizer) so a
+resumed run sees the same batches and continues the same call.
+
+A trainer of your own needs only ``train`` and ``evaluate``. To make checkpointed runs resume bit
+for bit it also gives ``state_dict()`` / ``load_state_dict(state)`` for its data stream, and, to
+be continued inside a ``train`` call (single-run methods), sets ``resumes_mid_train = True`` and
+makes the first ``train`` call after ``load_state_dict`` continue the call the state was taken
+in, numbering its steps on from there. Without these a checkpointed run still resumes, with a
+warning that it will not be exact.
 """
 
 from __future__ import annotations
