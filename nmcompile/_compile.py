@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -430,9 +430,13 @@ def compile(
     pattern: str | NMPattern = "2:4",
     example_inputs: Sequence[Any] | torch.Tensor | None = None,
     trainer: Trainer | None = None,
+    calibration: Iterable[Any] | None = None,
     **options: Any,
 ) -> CompileResult:
     """Make ``model`` sparse with ``method`` and return a :class:`CompileResult`.
+
+    ``calibration``: input batches (tensors, tuples of positional inputs or dicts of keyword
+    inputs) for the methods that prune from calibration data (``wanda``, ``sparsegpt``).
 
     ``options`` are the method's config fields (see ``nmcompile.methods()`` and each config) plus
     the general ones: ``include`` / ``exclude`` (module-path patterns), ``prune_stem``,
@@ -447,6 +451,11 @@ def compile(
     (['2.weight'], 0.5)
     """
     spec = get_method(method)
+    if calibration is not None and "calibration_samples" not in spec.config_cls.options():
+        raise ConfigError(
+            "calibration= is read by the methods that prune from calibration data (wanda, "
+            f"sparsegpt); {spec.name!r} does not use it: drop it"
+        )
     general = {k: options.pop(k) for k in list(options) if k in _GENERAL}
     config = spec.config_cls.from_options(options, extra_valid=_GENERAL)
     for key in ("include", "exclude", "leaf_modules"):
@@ -518,6 +527,7 @@ def compile(
             fallback_batch=_batch_size(inputs),
             example_inputs=inputs,
         )
+        session.calibration = calibration
         session.check_finite(f"in the {type(model).__name__} given to compile")
         checkpoints = _resume.setup(session, config)
         spec.run(session, config)

@@ -75,6 +75,7 @@ class Session:
         self._mask_version = 0
         # checkpoints inside single-run methods (``_resume.StepCheckpoints``), the method state
         # objects they save (``track``), and the steps each train call took
+        self.calibration: Any = None  # input batches for calibrated one-shot methods
         self.checkpoints: Any = None
         self.tracked: dict[str, Any] = {}
         self.call_steps: list[int] = []

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import channels, learned, lottery, one_shot, prune_grow, structure
+from . import calibrated, channels, learned, lottery, one_shot, prune_grow, structure
 
-__all__ = ["channels", "learned", "lottery", "one_shot", "prune_grow", "structure"]
+__all__ = ["calibrated", "channels", "learned", "lottery", "one_shot", "prune_grow", "structure"]

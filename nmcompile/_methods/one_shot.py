@@ -18,6 +18,7 @@ import torch
 
 from .._config import CheckpointedConfig, check_float, check_int
 from .._criteria import magnitude, random_scores
+from .._errors import ConfigError
 from .._registry import register_method
 from .._session import Session
 from .._shaping import global_unstructured
@@ -41,7 +42,17 @@ class ASPConfig(_OneShotConfig):
 
     ``pretrain_iterations``: dense training before pruning (0 for an already trained model).
     ``finetune_iterations``: training with the mask fixed, when a trainer is given.
+    ``permute``: reorder channels first so that the mask keeps more magnitude (NVIDIA ASP's
+    channel permutations; ``passes.permute_channels``, reported in
+    ``diagnostics["permutation"]``).
     """
+
+    permute: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.permute, bool):
+            raise ConfigError("ASPConfig.permute must be True or False")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +90,10 @@ def _one_shot(session: Session, config: _OneShotConfig, prune) -> None:
 )
 def run_asp(session: Session, config: ASPConfig) -> None:
     def prune() -> None:
+        if config.permute:
+            from .calibrated import permute
+
+            session.diagnostics["permutation"] = permute(session)
         for site in session.sites:
             # |w| computed chunk by chunk inside the mask kernel (same as magnitude(), one pass less)
             weight = session.weight(site).detach()
