@@ -202,6 +202,8 @@ def markdown(entries: Sequence[Mapping[str, Any]]) -> str:
         if c:
             regime += f" ({c['dense']:.2f}, {c['dense_2x']:.2f})"
         means = ", ".join(f"{m} {v:.2f}" for m, v in e["means"].items())
+        if e.get("unit"):  # not an accuracy in percent
+            means += f" ({e['unit']})"
         a, b = e["compare"]
         lo, hi = e["ci95"]
         verdict_text = e["verdict"] if e["regime"] == "converged" else f"{e['verdict']} (short run)"

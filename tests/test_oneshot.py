@@ -152,6 +152,27 @@ def test_calibration_fallback_is_named_and_options_are_checked():
                           example_inputs=(x[:1],), calibration=[x])  # fmt: skip
 
 
+def test_hugging_face_gpt2_conv1d_layers_are_calibrated_not_fallen_back(tmp_path):
+    """GPT-2's Conv1D weights are ``[in, out]`` parameters fed to ``addmm`` (traced by
+    torch.export): their inputs are read at the product; keyword calibration batches."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    calib = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]
+    r = nmcompile.compile(model, "sparsegpt", "2:4", example_inputs={"input_ids": ids[:2]},
+                          calibration=calib)  # fmt: skip
+    assert not r.diagnostics["calibration_fallback"]
+    layers = r.diagnostics["calibration_layers"]
+    assert set(layers) == set(r.masks) and len(layers) == 8
+    assert all(v["tokens"] == 8 * 16 for v in layers.values())
+    for p, mask in r.masks.items():  # [in, out] weights: N:M along the inputs (axis 0)
+        assert _groups_ok(mask.T.contiguous(), 2, 4), p
+    assert r.export_onnx(tmp_path / "gpt2.onnx").nm_report.satisfied(set(r.masks))
+
+
 # -- permutations ----------------------------------------------------------------------------------
 def test_search_finds_a_permutation_that_keeps_more():
     a = torch.rand(64, 16, generator=torch.Generator().manual_seed(0)) * 0.1

@@ -24,8 +24,11 @@ run); with ``sequential=False`` one forward gathers every layer's statistics fro
   (``[K, R, S, C]``). The relative output error of each layer on the calibration inputs,
   ``tr(dW H dW^T) / tr(W H W^T)``, is reported.
 
-A ``matmul`` site (a parameter used by a product inside an opaque op) or a conv other than 2-D
-has no input nmcompile can read: it is pruned by magnitude and named with the reason in
+A ``matmul`` site (a parameter the graph feeds to a product itself) is read at the product:
+``addmm(bias, x, w)`` / ``mm`` / ``matmul`` with an ``[in, out]`` weight (transformers'
+``Conv1D``: GPT-2's layers), ``linear`` with ``[out, in]``. A parameter used inside an opaque op
+(the packed qkv of ``nn.MultiheadAttention``'s fast path) or a conv other than 2-D has no input
+nmcompile can read: it is pruned by magnitude and named with the reason in
 ``diagnostics["calibration_fallback"]``. With a trainer and ``finetune_iterations`` the pruned
 model is fine-tuned with its masks fixed.
 """
@@ -191,10 +194,11 @@ class _Recorder(fx.Interpreter):
         self.watch, self.stop_at = watch, stop_at
 
     def run_node(self, n: fx.Node) -> Any:
-        sink = self.watch.get(n)
-        if sink is not None:
+        watched = self.watch.get(n)
+        if watched is not None:
+            sink, index = watched
             args, _ = self.fetch_args_kwargs_from_env(n)
-            sink(args[0].detach())
+            sink(args[index].detach())
             if n is self.stop_at:
                 raise _Stop
         return super().run_node(n)
@@ -246,18 +250,63 @@ class _Stats:
 
 
 def columns(site: Any, w: torch.Tensor) -> torch.Tensor:
-    """A weight as ``[rows, columns]`` with its N:M groups as consecutive columns."""
+    """A weight as ``[outputs, inputs]`` with its N:M groups as consecutive columns (a conv's
+    inputs in ``(r, s, c)`` order; an ``[in, out]`` weight transposed)."""
     if site.kind == "conv":
         k, c, r, s = w.shape
         return w.permute(0, 2, 3, 1).reshape(k, r * s * c)
-    return w
+    return site.rows(w)
 
 
 def from_columns(site: Any, cols: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if site.kind == "conv":
         k, c, r, s = like.shape
         return cols.reshape(k, r, s, c).permute(0, 3, 1, 2).contiguous()
-    return cols.reshape(like.shape)
+    return site.from_rows(cols).reshape(like.shape)
+
+
+# products a parameter is fed to, with the positions of (input, weight) and the weight's layout
+_PRODUCTS = {
+    "addmm": (1, 2, "in_out"),  # addmm(bias, x, w): x @ w, w [in, out] (transformers' Conv1D)
+    "mm": (0, 1, "in_out"),
+    "matmul": (0, 1, "in_out"),
+    "linear": (0, 1, "out_in"),
+}
+
+
+def _product(node: fx.Node) -> tuple[int, int, str] | None:
+    import operator
+
+    target = node.target
+    if target is operator.matmul:
+        return _PRODUCTS["matmul"]
+    if target is F.linear:
+        return _PRODUCTS["linear"]
+    name = getattr(target, "__name__", str(target)).split(".")[0]
+    return _PRODUCTS.get(name) if node.op == "call_function" else None
+
+
+def _watch_points(call: Any) -> list[tuple[fx.Node, int]] | str:
+    """Where a call's input is read: (node, argument index) pairs, or why it cannot be."""
+    site = call.site
+    if site.kind == "conv":
+        if len(site.shape) != 4:
+            return f"a {len(site.shape) - 2}-D conv: only 2-D convs are unfolded"
+        if isinstance(call.node.args[4], str):
+            return "a conv with string padding"
+        return [(call.node, 0)]
+    if site.kind == "linear":
+        return [(call.node, 0)] if site.group_axis == 1 else "a linear reduced along axis 0"
+    points = []
+    for user in call.node.users:  # a matmul site: its mask node feeds the products
+        spec = _product(user)
+        if spec is None or len(user.args) <= spec[1] or user.args[spec[1]] is not call.node:
+            return f"its weight feeds {user.op} {getattr(user.target, '__name__', user.target)}"
+        layout = "in_out" if site.group_axis == 0 else "out_in"
+        if len(site.shape) != 2 or layout != spec[2]:
+            return f"a {len(site.shape)}-D weight in {user.target}"
+        points.append((user, spec[0]))
+    return points or "its mask feeds nothing"
 
 
 # -- the two criteria ------------------------------------------------------------------------------
@@ -374,18 +423,9 @@ def _calls(session: Session) -> list[Any]:
     return list(masked_calls(session.gm))
 
 
-def _readable(call: Any) -> str | None:
-    """Why a call's input cannot be read (None: it can)."""
-    site = call.site
-    if site.kind == "matmul":
-        return "a parameter used inside another op: no input to read"
-    if site.kind == "conv" and len(site.shape) != 4:
-        return f"a {len(site.shape) - 2}-D conv: only 2-D convs are unfolded"
-    if site.kind == "conv" and isinstance(call.node.args[4], str):
-        return "a conv with string padding"
-    if site.kind == "linear" and site.group_axis != 1:
-        return "a linear reduced along axis 0"
-    return None
+def _position(gm: fx.GraphModule):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: order[n]
 
 
 def run_calibrated(session: Session, config: _CalibratedConfig, method: str) -> None:
@@ -401,8 +441,20 @@ def run_calibrated(session: Session, config: _CalibratedConfig, method: str) -> 
     for c in calls:
         by_site.setdefault(c.site.param, []).append(c)
     sites = {s.param: s for s in session.sites}
-    fallback = {p: why for p, cs in by_site.items() if (why := _readable(cs[0])) is not None}
-    order = [p for p in dict.fromkeys(c.site.param for c in calls) if p not in fallback]
+    points: dict[str, list[tuple[fx.Node, int]]] = {}
+    fallback: dict[str, str] = {}
+    for p, cs in by_site.items():
+        for c in cs:
+            found = _watch_points(c)
+            if isinstance(found, str):
+                fallback[p] = found
+                break
+            points.setdefault(p, []).extend(found)
+    pos = _position(session.gm)
+    # in the order the layers compute (a matmul site's mask node may sit well before its use)
+    order = sorted(
+        (p for p in by_site if p not in fallback), key=lambda p: min(pos(n) for n, _ in points[p])
+    )
     full = method == "sparsegpt"
     layers: dict[str, dict[str, Any]] = {}
 
@@ -434,12 +486,13 @@ def run_calibrated(session: Session, config: _CalibratedConfig, method: str) -> 
     if config.sequential:
         for param in order:
             stats = _Stats(by_site[param][0], full)
-            watch = {c.node: stats for c in by_site[param]}
-            _record(session.gm, batches, watch, stop_at=by_site[param][-1].node)
+            watch = {node: (stats, i) for node, i in points[param]}
+            last = max((node for node, _ in points[param]), key=pos)
+            _record(session.gm, batches, watch, stop_at=last)
             prune(param, stats)
     else:
         all_stats = {p: _Stats(by_site[p][0], full) for p in order}
-        watch = {c.node: all_stats[p] for p in order for c in by_site[p]}
+        watch = {node: (all_stats[p], i) for p in order for node, i in points[p]}
         _record(session.gm, batches, watch, stop_at=None)
         for p in order:
             prune(p, all_stats[p])
