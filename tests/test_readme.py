@@ -45,3 +45,17 @@ def test_readme_hugging_face_example_runs(tmp_path, monkeypatch):
     assert scope["logits"].shape == (4, 2)  # the other batch size and length ran
     assert scope["onnx"].nm_report.declared_ok
     assert os.path.isfile(tmp_path / "bert_fp16.onnx")
+
+
+def test_readme_one_shot_example_runs(tmp_path, monkeypatch):
+    """The calibrated one-shot example: sparsegpt with permutations on a digits MLP."""
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    one_shot = [b for b in blocks if "calibration=" in b]
+    assert len(one_shot) == 1
+    scope: dict = {}
+    exec(compile(one_shot[0], "README.md", "exec"), scope)
+    result = scope["result"]
+    assert result.diagnostics["calibration_layers"] and (tmp_path / "mlp_2to4.onnx").exists()
+    layers = result.diagnostics["permutation"]["layers"]
+    assert any(v["retained_after"] > v["retained_before"] for v in layers.values())
