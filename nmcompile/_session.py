@@ -191,7 +191,7 @@ class Session:
                 per_sample = cost()
             if offset:
                 info = StepInfo(info.iteration + offset, info.batch_size, info.loss, info.lr)
-            steps = info.iteration
+            steps += 1  # counted, not read from info: a user trainer may number its own way
             self.iterations += 1
             self._samples_seen += info.batch_size
             charge = per_sample if self.step_flops_override is None else self.step_flops_override
