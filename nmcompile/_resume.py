@@ -87,7 +87,6 @@ class StepCheckpoints:
         self.inexact: str | None = None  # why the resumed run is not bit-exact, if it is not
         self._state: dict[str, Any] | None = None
         self._load_call = 0
-        self.saved = 0
 
     def start(self, resume: bool) -> None:
         """Check the folder (rank 0 decides) and, resuming, load the newest good checkpoint."""
@@ -140,7 +139,6 @@ class StepCheckpoints:
                 keep=self.keep,
                 stem=_STEM,
             )
-        self.saved += 1
 
     def finish(self) -> None:
         if self.replaying:
